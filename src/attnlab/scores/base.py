@@ -1,0 +1,135 @@
+"""The :class:`ScoreMod` protocol: what is added to, or done with, the logits.
+
+A score mod receives the scaled logits ``score = scale * q_i . k_j`` (any shape) and a
+:class:`ScoreContext` whose integer index tensors ``b``, ``h``, ``q_idx``, ``kv_idx``
+broadcast against ``score`` (flat token indices, query head index), and returns the new
+logits, of the same shape. Masking is applied after the score mod. Score mods that need
+the query vector itself (Music Transformer's relative embeddings) set
+``needs_query = True`` and read ``ctx.query``, whose shape is ``score.shape[:-1] + (D,)``.
+
+Score mods are ``torch.nn.Module`` s, so learned tables are parameters that a model
+registers and an optimiser updates; every backend lets gradients reach them. A plain
+FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` callable is accepted wherever a
+score mod is (:class:`CallableScoreMod`), and score mods are themselves callable with that
+signature when they do not need the query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..geometry import Geometry
+
+
+@dataclass
+class ScoreContext:
+    """Indices (broadcastable to the score tensor) and, when needed, the query rows."""
+
+    b: torch.Tensor
+    h: torch.Tensor
+    q_idx: torch.Tensor
+    kv_idx: torch.Tensor
+    geometry: Geometry
+    query: torch.Tensor | None = None
+
+
+class ScoreMod(nn.Module):
+    """Base class of score modifications. Subclasses implement :meth:`modify`."""
+
+    needs_query: bool = False
+
+    def modify(self, score: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not define modify()")
+
+    def validate(self, geometry: Geometry) -> None:
+        """Raise ``ValueError`` if the score mod cannot apply to ``geometry``."""
+
+    def forward(self, score, b=None, h=None, q_idx=None, kv_idx=None, *, ctx=None, geometry=None):
+        """``modify(score, ctx)``, or the FlexAttention signature ``(score, b, h, q_idx, kv_idx)``."""
+        if ctx is None:
+            if self.needs_query:
+                raise TypeError(
+                    f"{type(self).__name__} needs the query vectors and cannot be called with the "
+                    "FlexAttention score_mod signature"
+                )
+            ctx = ScoreContext(b, h, q_idx, kv_idx, geometry)
+        return self.modify(score, ctx)
+
+    def as_score_mod(self, geometry: Geometry):
+        """A FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)`` with geometry bound."""
+        if self.needs_query:
+            raise TypeError(f"{type(self).__name__} needs the query vectors: not a plain score_mod")
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return self.modify(score, ScoreContext(b, h, q_idx, kv_idx, geometry))
+
+        return score_mod
+
+    def __add__(self, other: object) -> "ScoreModChain":
+        return ScoreModChain([self, as_score_mod(other, "other")])
+
+
+class CallableScoreMod(ScoreMod):
+    """A plain ``score_mod(score, b, h, q_idx, kv_idx) -> score`` callable."""
+
+    def __init__(self, fn: Callable, name: str | None = None):
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"score_mod must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "score_mod")
+
+    def modify(self, score, ctx):
+        out = self.fn(score, ctx.b, ctx.h, ctx.q_idx, ctx.kv_idx)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"score_mod {self.name!r} must return a tensor, got {type(out).__name__}")
+        return out
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class ScoreModChain(ScoreMod):
+    """Apply several score mods in order."""
+
+    def __init__(self, mods: Sequence[ScoreMod]):
+        super().__init__()
+        flat: list[ScoreMod] = []
+        for m in mods:
+            flat.extend(m.mods if isinstance(m, ScoreModChain) else [m])
+        self.mods = nn.ModuleList(flat)
+        self.needs_query = any(m.needs_query for m in flat)
+
+    def modify(self, score, ctx):
+        for m in self.mods:
+            score = m.modify(score, ctx)
+        return score
+
+    def validate(self, geometry):
+        for m in self.mods:
+            m.validate(geometry)
+
+
+def as_score_mod(score_mod: object, name: str = "score_mod") -> ScoreMod | None:
+    """Turn ``None``, a :class:`ScoreMod`, a callable or a sequence of them into a ScoreMod."""
+    if score_mod is None or isinstance(score_mod, ScoreMod):
+        return score_mod
+    if isinstance(score_mod, (list, tuple)):
+        return ScoreModChain([as_score_mod(m, name) for m in score_mod])
+    if callable(score_mod):
+        return CallableScoreMod(score_mod)
+    raise TypeError(
+        f"{name} must be an attnlab ScoreMod, a score_mod(score, b, h, q_idx, kv_idx) callable, "
+        f"a list of them or None, got {type(score_mod).__name__}"
+    )
+
+
+def score_mod_params(score_mod: ScoreMod | None) -> list[torch.Tensor]:
+    """The tensors of a score mod that may need gradients (its parameters)."""
+    if score_mod is None:
+        return []
+    return [p for p in score_mod.parameters()]

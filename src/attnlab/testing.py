@@ -1,0 +1,141 @@
+"""Helpers for testing patterns and backends (used by attnlab's own tests; public so that
+users who write a Pattern can check it the same way)."""
+
+from __future__ import annotations
+
+import torch
+
+from .geometry import Geometry
+from .patterns.base import Pattern
+from .patterns.layout import Tiling
+
+
+def make_geometry(
+    q_shape: tuple[int, ...],
+    kv_shape: tuple[int, ...] | None = None,
+    *,
+    batch: int = 1,
+    q_heads: int = 1,
+    kv_heads: int | None = None,
+    head_dim: int = 8,
+    value_dim: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Geometry:
+    """A :class:`Geometry` without tensors, for pattern tests."""
+    return Geometry(
+        batch=batch,
+        q_heads=q_heads,
+        kv_heads=kv_heads or q_heads,
+        q_shape=tuple(q_shape),
+        kv_shape=tuple(kv_shape or q_shape),
+        head_dim=head_dim,
+        value_dim=value_dim or head_dim,
+        device=torch.device(device),
+    )
+
+
+def dense_mask(pattern: Pattern, geometry: Geometry) -> torch.Tensor:
+    """The pattern's elementwise mask over all token pairs, shape ``(B, Hq, L, S)``
+    (flat token indices). For tests on small problems only."""
+    dev = geometry.device
+    b = torch.arange(geometry.batch, device=dev).view(-1, 1, 1, 1)
+    h = torch.arange(geometry.q_heads, device=dev).view(1, -1, 1, 1)
+    q = torch.arange(geometry.q_len, device=dev).view(1, 1, -1, 1)
+    k = torch.arange(geometry.kv_len, device=dev).view(1, 1, 1, -1)
+    m = pattern.mask(b, h, q, k, geometry)
+    return torch.broadcast_to(m, (geometry.batch, geometry.q_heads, geometry.q_len, geometry.kv_len))
+
+
+def exact_tile_layout(mask: torch.Tensor, tiling: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile-level (any, full) derived from a dense ``(B, H, L, S)`` mask by brute force.
+
+    Padding positions count as visible for ``full`` and invisible for ``any``.
+    """
+    qi = tiling.q_token_index
+    ki = tiling.kv_token_index
+    B, H = mask.shape[:2]
+    m = mask[:, :, qi.clamp(min=0)][:, :, :, :, ki.clamp(min=0)]  # (B,H,nQ,tq,nK,tk)
+    ok = (qi >= 0)[:, :, None, None] & (ki >= 0)[None, None]
+    any_ = (m & ok).any(5).any(3)
+    full = (m | ~ok).all(5).all(3)
+    return any_, full
+
+
+def check_pattern_layout(
+    pattern: Pattern,
+    geometry: Geometry,
+    q_tile: tuple[int, ...] | int,
+    kv_tile: tuple[int, ...] | int,
+    *,
+    exact: bool = False,
+) -> None:
+    """Assert that ``pattern.block_layout`` is consistent with ``pattern.mask``.
+
+    ``any`` must cover every tile pair that has a visible token pair and ``full`` must only
+    mark tile pairs whose token pairs are all visible (and whose key tile is complete is not
+    required: padding is treated as visible). With ``exact=True`` both must match the
+    brute-force layout exactly.
+    """
+    nd = geometry.ndim
+    q_tile = (q_tile,) * nd if isinstance(q_tile, int) else tuple(q_tile)
+    kv_tile = (kv_tile,) * nd if isinstance(kv_tile, int) else tuple(kv_tile)
+    tiling = Tiling(geometry, q_tile, kv_tile)
+    layout = pattern.block_layout(tiling)
+    want_any, want_full = exact_tile_layout(dense_mask(pattern, geometry), tiling)
+    got_any = torch.broadcast_to(layout.any, want_any.shape)
+    got_full = torch.broadcast_to(layout.full, want_full.shape)
+    missing = want_any & ~got_any
+    assert not missing.any(), (
+        f"{pattern!r}: block_layout misses {int(missing.sum())} touched tile pairs "
+        f"(first at {missing.nonzero()[0].tolist()}) for {tiling}"
+    )
+    wrong_full = got_full & ~want_full
+    assert not wrong_full.any(), (
+        f"{pattern!r}: block_layout marks {int(wrong_full.sum())} tile pairs full that are not "
+        f"(first at {wrong_full.nonzero()[0].tolist()}) for {tiling}"
+    )
+    if exact:
+        assert torch.equal(got_any, want_any), f"{pattern!r}: any over-approximates for {tiling}"
+        assert torch.equal(got_full, want_full), f"{pattern!r}: full under-approximates for {tiling}"
+
+
+def neighbor_set(pattern: Pattern, geometry: Geometry, query: tuple[int, ...] | int) -> set:
+    """The set of key coordinates (tuples, or ints for one axis) visible to one query."""
+    coords = (query,) if isinstance(query, int) else tuple(query)
+    flat = 0
+    for c, s in zip(coords, geometry.q_shape):
+        flat = flat * s + c
+    m = dense_mask(pattern, geometry)[0, 0, flat]
+    out = set()
+    for j in m.nonzero().flatten().tolist():
+        c = []
+        for s in reversed(geometry.kv_shape):
+            c.append(j % s)
+            j //= s
+        c = tuple(reversed(c))
+        out.add(c[0] if geometry.ndim == 1 and isinstance(query, int) else c)
+    return out
+
+
+def density(pattern: Pattern, geometry: Geometry) -> float:
+    """Fraction of visible (query, key) pairs (small problems only)."""
+    m = dense_mask(pattern, geometry)
+    return m.float().mean().item()
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max(max|b|, tiny)`` in float64."""
+    a = a.double()
+    b = b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+
+__all__ = [
+    "make_geometry",
+    "dense_mask",
+    "exact_tile_layout",
+    "check_pattern_layout",
+    "neighbor_set",
+    "density",
+    "rel_error",
+]
