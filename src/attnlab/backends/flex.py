@@ -1,0 +1,169 @@
+"""The flex backend: PyTorch FlexAttention with a BlockMask built from attnlab's layout.
+
+Tokens are put in tile order (box tiles of 128 tokens, so a 2-D neighbourhood's tiles are
+compact), the pattern's analytic block layout becomes the ``BlockMask`` (partial and full
+blocks, no L x S evaluation), and the pattern's ``mask`` and the score mod are wrapped as
+``mask_mod`` / ``score_mod`` that map tile-order indices back to flat token indices.
+
+Runs compiled by default. On CPU it runs only on request (``options={'allow_cpu': True}``)
+because it compiles per shape and has no backward there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns.layout import Tiling
+from .base import Backend, Problem
+from .tiled_plan import TiledPlan, build_plan
+from .tiled import from_tiles, to_tiles
+
+FLEX_BLOCK = 128
+_COMPILED = {}
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_tile(ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A box of FLEX_BLOCK tokens (fewer if the grid is smaller), last axis widest."""
+    tile = [1] * ndim
+    remaining = FLEX_BLOCK
+    for ax in range(ndim - 1, -1, -1):
+        side = min(shape[ax], remaining if ax == 0 else max(1, round(remaining ** (1 / (ax + 1)))))
+        tile[ax] = side
+        remaining = max(1, remaining // side)
+    return tuple(tile)
+
+
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED["fn"]
+
+
+class FlexBackend(Backend):
+    """FlexAttention (compiled) over the pattern's block layout."""
+
+    name = "flex"
+    options = ("allow_cpu", "compile")
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        why = []
+        if not flex_available():
+            why.append(f"flex: torch {torch.__version__} has no torch.nn.attention.flex_attention")
+            return why
+        if problem.device.type == "cpu":
+            if not problem.options.get("allow_cpu", False):
+                why.append(
+                    "flex: on CPU only on request (options={'allow_cpu': True}): it compiles per shape"
+                )
+            if problem.requires_grad:
+                why.append("flex: FlexAttention has no backward on CPU")
+        elif problem.device.type != "cuda":
+            why.append(f"flex: runs on CUDA (and CPU on request), not {problem.device.type}")
+        if problem.score_mod is not None and problem.score_mod.needs_query:
+            why.append(
+                f"flex: {type(problem.score_mod).__name__} needs the query vectors, which a "
+                "FlexAttention score_mod cannot see"
+            )
+        if problem.dtype == torch.float64 and problem.device.type == "cuda":
+            why.append("flex: float64 is not supported by the compiled kernels")
+        return why
+
+    def run(self, problem: Problem):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        g = problem.geometry
+        tile = flex_tile(g.ndim, g.q_shape)
+        kv_tile = flex_tile(g.ndim, g.kv_shape)
+        tiling = Tiling(g, tile, kv_tile)
+        plan = build_plan(problem.pattern, tiling)
+        q_index = tiling.q_token_index.reshape(-1)
+        kv_index = tiling.kv_token_index.reshape(-1)
+        pattern, geom = problem.pattern, g
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            qi, ki = q_index[q_idx], kv_index[kv_idx]
+            ok = (qi >= 0) & (ki >= 0)
+            return ok & pattern.mask(b, h, qi.clamp(min=0), ki.clamp(min=0), geom)
+
+        score_fn = None
+        if problem.score_mod is not None:
+            inner = problem.score_mod.as_score_mod(g)
+
+            def score_fn(score, b, h, q_idx, kv_idx):
+                return inner(score, b, h, q_index[q_idx].clamp(min=0), kv_index[kv_idx].clamp(min=0))
+
+        block_mask = _block_mask(BlockMask, problem.pattern, tiling, mask_mod)
+        flat_plan = plan_like(plan, fold=False)
+        q = _tile_order(problem.q, flat_plan)
+        k = _kv_tile_order(problem.k, tiling)
+        v = _kv_tile_order(problem.v, tiling)
+        fn = _flex_fn(problem.options.get("compile", True))
+        kwargs = {"enable_gqa": True} if g.q_heads != g.kv_heads else {}
+        out, lse = fn(
+            q, k, v, score_mod=score_fn, block_mask=block_mask, scale=problem.scale,
+            return_lse=True, **kwargs,
+        )
+        nq = tiling.num_q_tiles
+        out = from_tiles(out.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size, -1), flat_plan)
+        lse = from_tiles(lse.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size), flat_plan)
+        return out.to(problem.dtype), lse.float()
+
+
+def plan_like(plan: TiledPlan, fold: bool) -> TiledPlan:
+    """The same plan with head folding switched (only the layout helpers read it)."""
+    import dataclasses
+
+    return dataclasses.replace(plan, fold_heads=fold)
+
+
+def _tile_order(x: torch.Tensor, plan: TiledPlan) -> torch.Tensor:
+    t = to_tiles(x, plan)  # (B, H, nQt, Tq, E)
+    return t.reshape(t.shape[0], t.shape[1], -1, t.shape[-1])
+
+
+def _kv_tile_order(x: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+    """Keys/values in key-tile order, padding positions zero: (B, Hkv, nKt * Tk, E)."""
+    B, H, E = x.shape[0], x.shape[1], x.shape[-1]
+    flat = x.reshape(B, H, -1, E)
+    idx = tiling.kv_token_index.reshape(-1)
+    out = flat[:, :, idx.clamp(min=0)]
+    return out * (idx >= 0).view(1, 1, -1, 1).to(out.dtype)
+
+
+def _block_mask(BlockMask, pattern, tiling: Tiling, mask_mod):
+    layout = pattern.block_layout(tiling)
+    any_ = layout.any
+    full = layout.full & tiling.kv_tile_complete & any_
+    partial = any_ & ~full
+
+    def to_lists(m: torch.Tensor):
+        m = m.to(torch.int32)
+        num = m.sum(-1).to(torch.int32)
+        idx = torch.argsort(m, dim=-1, descending=True, stable=True).to(torch.int32)
+        return num, idx
+
+    kv_num, kv_idx = to_lists(partial)
+    full_num, full_idx = to_lists(full)
+    seq = (tiling.num_q_tiles * tiling.q_tile_size, tiling.num_kv_tiles * tiling.kv_tile_size)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx,
+        BLOCK_SIZE=(tiling.q_tile_size, tiling.kv_tile_size), mask_mod=mask_mod, seq_lengths=seq,
+    ) if "seq_lengths" in BlockMask.from_kv_blocks.__code__.co_varnames else BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx,
+        BLOCK_SIZE=(tiling.q_tile_size, tiling.kv_tile_size), mask_mod=mask_mod,
+    )
+
+
+__all__ = ["FlexBackend", "flex_available", "flex_tile"]

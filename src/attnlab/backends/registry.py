@@ -1,0 +1,144 @@
+"""The backends attnlab knows, in automatic-selection priority order."""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns.base import Causal, Full
+from .base import Backend, Problem
+from .reference import DEFAULT_MAX_ELEMENTS, compute_dtype_for, reference_attention
+from .tiled import tiled_attention
+from .tiled_plan import DEFAULT_CHUNK_ELEMENTS, build_plan, default_tiles, tile_count_guard
+from ..patterns.layout import Tiling
+
+
+class ReferenceBackend(Backend):
+    """Materialised logits; exact ground truth, small problems only."""
+
+    name = "reference"
+    options = ("compute_dtype", "max_elements")
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        g = problem.geometry
+        n = g.batch * g.q_heads * g.q_len * g.kv_len
+        limit = problem.options.get("max_elements", DEFAULT_MAX_ELEMENTS)
+        if n > limit:
+            return [f"reference: B*Hq*L*S = {n} logits exceeds its guard max_elements={limit}"]
+        return []
+
+    def run(self, problem: Problem):
+        out = reference_attention(
+            problem.q,
+            problem.k,
+            problem.v,
+            pattern=problem.pattern,
+            score_mod=problem.score_mod,
+            scale=problem.scale,
+            return_lse=True,
+            compute_dtype=problem.options.get("compute_dtype"),
+            max_elements=problem.options.get("max_elements", DEFAULT_MAX_ELEMENTS),
+        )
+        return out
+
+
+class TiledBackend(Backend):
+    """Block-sparse online softmax over the pattern's tile layout (CPU and CUDA)."""
+
+    name = "tiled"
+    options = ("q_tile", "kv_tile", "chunk_elements", "compute_dtype")
+
+    def tiling(self, problem: Problem) -> Tiling:
+        g = problem.geometry
+        q_tile, kv_tile = default_tiles(problem.pattern, g)
+        q_tile = _as_tile(problem.options.get("q_tile", q_tile), g.ndim, "q_tile")
+        kv_tile = _as_tile(problem.options.get("kv_tile", kv_tile), g.ndim, "kv_tile")
+        return Tiling(g, q_tile, kv_tile)
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        try:
+            tile_count_guard(self.tiling(problem))
+        except ValueError as e:
+            return [f"tiled: {e}"]
+        return []
+
+    def run(self, problem: Problem):
+        tiling = self.tiling(problem)
+        tile_count_guard(tiling)
+        plan = build_plan(
+            problem.pattern, tiling, problem.options.get("chunk_elements", DEFAULT_CHUNK_ELEMENTS)
+        )
+        cdt = compute_dtype_for(problem.dtype, problem.options.get("compute_dtype"))
+        return tiled_attention(
+            problem.q, problem.k, problem.v, plan, problem.scale, problem.score_mod, cdt
+        )
+
+
+class SDPABackend(Backend):
+    """``torch.nn.functional.scaled_dot_product_attention`` for dense and causal problems."""
+
+    name = "sdpa"
+    options = ()
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        g = problem.geometry
+        why = []
+        if not isinstance(problem.pattern, (Full, Causal)):
+            why.append(f"sdpa: runs only Full and Causal patterns, got {problem.pattern!r}")
+        if isinstance(problem.pattern, Causal) and g.q_len != g.kv_len:
+            why.append(
+                f"sdpa: its is_causal is top-left aligned; attnlab's causal is bottom-right and "
+                f"differs when L != S (L={g.q_len}, S={g.kv_len})"
+            )
+        if problem.score_mod is not None:
+            why.append("sdpa: cannot apply a score_mod without materialising an L x S bias")
+        if problem.return_lse:
+            why.append("sdpa: does not return the log-sum-exp (return_lse=True)")
+        return why
+
+    def run(self, problem: Problem):
+        g = problem.geometry
+        q = problem.q.reshape(g.batch, g.q_heads, g.q_len, g.head_dim)
+        k = problem.k.reshape(g.batch, g.kv_heads, g.kv_len, g.head_dim)
+        v = problem.v.reshape(g.batch, g.kv_heads, g.kv_len, g.value_dim)
+        if g.q_heads != g.kv_heads:
+            k = k.repeat_interleave(g.group_size, 1) if not _HAS_GQA else k
+            v = v.repeat_interleave(g.group_size, 1) if not _HAS_GQA else v
+        kwargs = {"enable_gqa": True} if (_HAS_GQA and g.q_heads != g.kv_heads) else {}
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=isinstance(problem.pattern, Causal), scale=problem.scale, **kwargs
+        )
+        return out.reshape(g.batch, g.q_heads, *g.q_shape, g.value_dim), None
+
+
+def _sdpa_has_gqa() -> bool:
+    import inspect
+
+    try:
+        return "enable_gqa" in inspect.signature(torch.nn.functional.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
+
+
+_HAS_GQA = _sdpa_has_gqa()
+
+
+def _as_tile(value, ndim: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * ndim
+    value = tuple(value)
+    if len(value) != ndim or not all(isinstance(t, int) and t >= 1 for t in value):
+        raise ValueError(f"options[{name!r}] must be a positive int or {ndim} positive ints, got {value!r}")
+    return value
+
+
+def all_backends() -> dict[str, Backend]:
+    """Name -> backend, in automatic-selection priority order."""
+    from .flex import FlexBackend
+
+    return {
+        b.name: b
+        for b in (SDPABackend(), FlexBackend(), TiledBackend(), ReferenceBackend())
+    }
+
+
+__all__ = ["all_backends", "ReferenceBackend", "TiledBackend", "SDPABackend", "Backend", "Problem"]
