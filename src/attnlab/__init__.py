@@ -1,5 +1,26 @@
-"""attnlab: the attention mechanisms of the research literature behind one PyTorch API."""
+"""attnlab: the attention mechanisms of the research literature behind one PyTorch API.
 
-from .patterns import Causal, Full, MaskMod, Pattern
+    import attnlab as al
+    out = al.attention(q, k, v, pattern=al.SlidingWindow(left=511) | al.Sinks(4))
+"""
+
+from .api import attention, attention_weights, explain
+from .merge import merge_attentions
+from .patterns import (
+    BlockLayout, Blocked, BlockSparse, Causal, Document, Full, GlobalTokens, Grid, Halo,
+    MaskMod, Neighborhood, Pattern, PrefixLM, Radial, Sinks, SlidingWindow, Strided, Tiling,
+)
+from .registry import Mechanism, Paper, catalog
+from .scores import (
+    ALiBi, RelativeBias, RelativeEmbedding, ScoreContext, ScoreMod, Softcap, Temperature,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "attention", "attention_weights", "explain", "merge_attentions", "catalog", "Mechanism",
+    "Paper", "Pattern", "MaskMod", "BlockLayout", "Tiling", "Full", "Causal", "SlidingWindow",
+    "Neighborhood", "Blocked", "Grid", "Halo", "Strided", "Sinks", "GlobalTokens", "Document",
+    "PrefixLM", "BlockSparse", "Radial", "ScoreMod", "ScoreContext", "ALiBi", "RelativeBias",
+    "RelativeEmbedding", "Softcap", "Temperature",
+]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..scores.base import ScoreContext, ScoreMod
+from .rowops import probs_dscores, softmax_lse
 from .tiled_plan import Chunk, TiledPlan
 
 
@@ -139,8 +140,11 @@ def _select_rows(x: torch.Tensor, ci: ChunkIndex) -> torch.Tensor:
     return x[ci.bsel, ci.hsel, ci.qsel]
 
 
-def _logits(plan, ci, Qc, Kc, scale, score_mod, mask, keep_raw=False):
-    """Masked logits ``(B', H', n, M, span)``; also the pre-mod logits when ``keep_raw``."""
+def _scores(plan, ci, Qc, Kc, scale, score_mod, track=False):
+    """Logits ``(B', H', n, M, span)`` with the score mod applied (not masked).
+
+    With ``track`` the score mod runs under autograd and the pre-mod logits are returned
+    as a leaf (for the score mod's backward)."""
     Bp, Hp, n, M, D = Qc.shape
     span = Kc.shape[-2]
     S = torch.baddbmm(
@@ -152,48 +156,44 @@ def _logits(plan, ci, Qc, Kc, scale, score_mod, mask, keep_raw=False):
     ).view(Bp, Hp, n, M, span)
     raw = S
     if score_mod is not None:
-        if keep_raw:
-            raw = S.detach().requires_grad_()
-            S = raw
         ctx = ci.score_context(plan, Qc if score_mod.needs_query else None)
-        S = score_mod.modify(S, ctx)
-    if mask is not None:
-        Tq = plan.tiling.q_tile_size
-        Sv = S.view(Bp, Hp, n, M // Tq, Tq, span)
-        neg = ~mask.view(1, 1, n, 1, Tq, span)
-        if not (keep_raw and score_mod is not None):
-            Sv.masked_fill_(neg, float("-inf"))
+        if track:
+            raw = S.requires_grad_()
+            with torch.enable_grad():
+                S = score_mod.modify(raw, ctx)
         else:
-            S = Sv.masked_fill(neg, float("-inf")).view(Bp, Hp, n, M, span)
+            S = score_mod.modify(S, ctx)
     return S, raw
 
 
-def _empty_rows(mask: torch.Tensor | None, plan: TiledPlan, M: int) -> torch.Tensor | None:
-    """``(1, 1, n, M)`` rows with no visible key in this slot group, or None if none."""
+def _grouped(x: torch.Tensor, plan: TiledPlan) -> torch.Tensor:
+    """View ``(..., M, span)`` as ``(..., G', Tq, span)`` so per-tile masks broadcast."""
+    Tq = plan.tiling.q_tile_size
+    return x.view(*x.shape[:-2], x.shape[-2] // Tq, Tq, x.shape[-1])
+
+
+def _empty_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``(1, 1, n, 1, Tq)`` rows with no visible key in this slot group, or None if none."""
     if mask is None:
         return None
-    empty = ~mask.any(-1)  # (1, 1, n, Tq)
-    if not bool(empty.any()):
-        return None
-    reps = M // empty.shape[-1]
-    return empty.repeat(1, 1, 1, reps) if reps > 1 else empty
+    empty = ~mask.any(-1)
+    return empty if bool(empty.any()) else None
 
 
 def plan_work(plan: TiledPlan) -> list[tuple[ChunkIndex, torch.Tensor | None, torch.Tensor | None, bool]]:
-    """Per chunk and slot group: its indices, mask, empty rows and whether it starts a row set.
-
-    Built once in forward and reused in backward (memory O(L * span) bytes)."""
+    """Per chunk and slot group: its indices, mask ``(1, 1, n, 1, Tq, span)``, empty rows
+    and whether it starts a new set of rows. Built once in forward, reused in backward
+    (memory O(L * span) bytes)."""
     work = []
-    M = plan.rows_per_tile
     for chunk in plan.chunks:
         for lo in range(0, chunk.num_slots, chunk.group):
             ci = ChunkIndex(plan, chunk, lo, min(chunk.num_slots, lo + chunk.group))
-            mask = ci.mask(plan) if chunk.needs_mask else None
-            work.append((ci, mask, _empty_rows(mask, plan, M), lo == 0))
+            mask = ci.mask(plan).unsqueeze(3) if chunk.needs_mask else None
+            work.append((ci, mask, _empty_rows(mask), lo == 0))
     return work
 
 
-def tiled_forward(q_t, k_flat, v_flat, plan: TiledPlan, scale: float, score_mod, work):
+def tiled_forward(q_t, k_flat, v_flat, plan: TiledPlan, scale: float, score_mod, work, fused):
     """Output ``(B, Hx, nQt, M, Dv)`` and lse ``(B, Hx, nQt, M)`` in tile layout."""
     B, Hx, nQt, M, _ = q_t.shape
     Dv = v_flat.shape[-1]
@@ -204,12 +204,10 @@ def tiled_forward(q_t, k_flat, v_flat, plan: TiledPlan, scale: float, score_mod,
         Qc = _select_rows(q_t, ci)
         Kc = _gather(k_flat, ci.gather)
         Vc = _gather(v_flat, ci.gather)
-        S, _ = _logits(plan, ci, Qc, Kc, scale, score_mod, mask)
-        lse_c = torch.logsumexp(S, -1)
-        P = torch.softmax(S, -1)
-        if empty is not None:
-            P.masked_fill_(empty[..., None], 0.0)
-        Oc = torch.matmul(P, Vc)
+        S, _ = _scores(plan, ci, Qc, Kc, scale, score_mod)
+        P, lse_c = softmax_lse(_grouped(S, plan), mask, empty, fused)
+        Oc = torch.matmul(P.view(S.shape), Vc)
+        lse_c = lse_c.reshape(S.shape[:-1])
         if first:
             acc_o, acc_l = Oc, lse_c
         else:
@@ -231,7 +229,7 @@ def _merge_two(o1, l1, o2, l2):
     return o, lse
 
 
-def tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, scale, score_mod, params, work):
+def tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, scale, score_mod, params, work, fused):
     """Gradients in tile/flat layout, and of the score mod's parameters."""
     delta = (dout_t * out_t).sum(-1)
     if dlse_t is not None:
@@ -249,22 +247,24 @@ def tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, scal
         dOc = _select_rows(dout_t, ci)
         Lc = _select_rows(lse_safe, ci)
         Dc = _select_rows(delta, ci)
-        with torch.enable_grad():
-            Qg = Qc.detach().requires_grad_() if needs_query else Qc
-            S, raw = _logits(plan, ci, Qg, Kc, scale, score_mod, mask, keep_raw=True)
-            P = S.detach() if score_mod is None else S.detach().clone()
-            P = P.sub_(Lc[..., None]).exp_()
-            dP = torch.matmul(dOc, Vc.transpose(-1, -2))
-            dS = dP.sub_(Dc[..., None]).mul_(P)
-            if score_mod is not None:
-                inputs = [raw] + ([Qg] if needs_query else []) + list(params)
-                grads = torch.autograd.grad(S, inputs, dS, allow_unused=True)
-                dS = grads[0]
-                if needs_query and grads[1] is not None:
-                    dq_t[ci.bsel, ci.hsel, ci.qsel] += grads[1]
-                for acc, gp in zip(dparams, grads[len(inputs) - len(params):]):
-                    if gp is not None:
-                        acc += gp
+        Qg = Qc.detach().requires_grad_() if needs_query else Qc
+        S, raw = _scores(plan, ci, Qg, Kc, scale, score_mod, track=score_mod is not None)
+        dP = torch.matmul(dOc, Vc.transpose(-1, -2))
+        P, dS = probs_dscores(
+            _grouped(S.detach(), plan), mask, _grouped(Lc[..., None], plan)[..., 0],
+            _grouped(dP, plan), _grouped(Dc[..., None], plan)[..., 0], fused,
+            inplace=score_mod is None,
+        )
+        P, dS = P.view(S.shape), dS.view(S.shape)
+        if score_mod is not None:
+            inputs = [raw] + ([Qg] if needs_query else []) + list(params)
+            grads = torch.autograd.grad(S, inputs, dS, allow_unused=True)
+            dS = grads[0]
+            if needs_query and grads[1] is not None:
+                dq_t[ci.bsel, ci.hsel, ci.qsel] += grads[1]
+            for acc, gp in zip(dparams, grads[len(inputs) - len(params):]):
+                if gp is not None:
+                    acc += gp
         dv_c = torch.matmul(P.transpose(-1, -2), dOc)
         dq_c = torch.matmul(dS, Kc).mul_(scale)
         dk_c = torch.matmul(dS.transpose(-1, -2), Qc).mul_(scale)
@@ -279,12 +279,13 @@ class TiledAttention(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out and lse; recomputes logits in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, score_mod, cdt, *params):
+    def forward(ctx, q, k, v, plan, scale, score_mod, cdt, fused, *params):
         q_t = to_tiles(q.to(cdt), plan)
         k_flat = flat_kv(k.to(cdt))
         v_flat = flat_kv(v.to(cdt))
         work = plan_work(plan)
-        out_t, lse_t = tiled_forward(q_t, k_flat, v_flat, plan, scale, score_mod, work)
+        out_t, lse_t = tiled_forward(q_t, k_flat, v_flat, plan, scale, score_mod, work, fused)
+        ctx.fused = fused
         ctx.work = work
         ctx.save_for_backward(q_t, k_flat, v_flat, out_t, lse_t, *params)
         ctx.plan, ctx.scale, ctx.score_mod = plan, scale, score_mod
@@ -302,19 +303,22 @@ class TiledAttention(torch.autograd.Function):
         dout_t = to_tiles(dout.to(cdt), plan)
         dlse_t = to_tiles(dlse[..., None].to(cdt), plan)[..., 0] if dlse is not None else None
         dq_t, dk_flat, dv_flat, dparams = tiled_backward(
-            q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, ctx.scale, ctx.score_mod, params, ctx.work
+            q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, ctx.scale, ctx.score_mod, params, ctx.work, ctx.fused
         )
         qd, kd, vd = ctx.in_dtypes
         dq = from_tiles(dq_t, plan).to(qd)
         dk = dk_flat.reshape(ctx.kv_shapes[0]).to(kd)
         dv = dv_flat.reshape(ctx.kv_shapes[1]).to(vd)
-        return (dq, dk, dv, None, None, None, None, *dparams)
+        return (dq, dk, dv, None, None, None, None, None, *dparams)
 
 
-def tiled_attention(q, k, v, plan: TiledPlan, scale: float, score_mod: ScoreMod | None, compute_dtype):
-    """Run the tiled backend; returns ``(out, lse)`` in the public layout."""
+def tiled_attention(q, k, v, plan: TiledPlan, scale: float, score_mod: ScoreMod | None, compute_dtype, fused: bool = False):
+    """Run the tiled backend; returns ``(out, lse)`` in the public layout.
+
+    ``fused`` compiles the row work (softmax, lse, probability recomputation) with
+    ``torch.compile``; see :mod:`attnlab.backends.rowops`."""
     params = [p for p in score_mod.parameters()] if score_mod is not None else []
-    return TiledAttention.apply(q, k, v, plan, scale, score_mod, compute_dtype, *params)
+    return TiledAttention.apply(q, k, v, plan, scale, score_mod, compute_dtype, fused, *params)
 
 
 __all__ = ["tiled_attention", "TiledAttention", "to_tiles", "from_tiles"]

@@ -1,0 +1,258 @@
+"""Kernel benchmark: attnlab against its peers, as time ratios measured in one process.
+
+    python -m attnlab.bench.kernels            # the figures of the core issue (a few minutes)
+    python -m attnlab.bench.kernels --quick    # the same comparisons on smaller sizes
+
+Every figure is ``attnlab time / baseline time`` (lower is better) for the same problem
+in the same run, next to its target. Peers that are not installed or cannot run a problem
+(NATTEN and FlexAttention have no backward on CPU) are reported as such, never raised.
+Shapes follow the issue: B=1, H=8, D=64, float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import attnlab as al
+
+from .timing import Timing, forward_backward, forward_only, measure, peak_rss_gib
+
+
+@dataclass
+class Figure:
+    name: str
+    measure: str  # what the ratio compares
+    ours: float | None  # seconds, or GiB for memory figures
+    baseline: float | None
+    ratio: float | None
+    target: float
+    note: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.ratio is None else self.ratio <= self.target
+
+    def row(self) -> str:
+        r = "n/a" if self.ratio is None else f"{self.ratio:.3f}"
+        verdict = {None: "-", True: "ok", False: "MISS"}[self.passed]
+        return f"{self.name:<44} {self.measure:<34} {r:>8}  <= {self.target:<6} {verdict:<4} {self.note}"
+
+
+def _qkv(shape: tuple[int, ...], grad: bool, heads: int = 8, dim: int = 64, device="cpu"):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return [
+        torch.randn(1, heads, *shape, dim, generator=g).to(device).requires_grad_(grad)
+        for _ in range(3)
+    ]
+
+
+def _ratio(ours: Timing | None, base: Timing | None) -> float | None:
+    if ours is None or base is None:
+        return None
+    return ours.median / base.median
+
+
+def visible_fraction(pattern, shape: tuple[int, ...]) -> float:
+    """Exact density of a pattern (visible pairs / all pairs), counted in row chunks."""
+    q = torch.zeros(1, 1, *shape, 1)
+    geom = al.geometry.check_qkv(q, q, q)
+    n = geom.q_len
+    total = 0
+    kv = torch.arange(n).view(1, 1, 1, -1)
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    step = max(1, (1 << 24) // n)
+    for s in range(0, n, step):
+        qi = torch.arange(s, min(n, s + step)).view(1, 1, -1, 1)
+        total += int(pattern.mask(zero, zero, qi, kv, geom).sum())
+    return total / (n * n)
+
+
+def dense_figures(L: int, repeats: int, device: str) -> list[Figure]:
+    out = []
+    for causal in (False, True):
+        pattern = al.Causal() if causal else None
+        name = f"{'Causal' if causal else 'Dense'} L={L}"
+        for mode in ("fwd", "fwd+bwd"):
+            grad = mode != "fwd"
+            q, k, v = _qkv((L,), grad, device=device)
+            wrap = forward_backward if grad else forward_only
+            ours = measure(wrap(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
+            base = measure(
+                wrap(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal), q, k, v),
+                repeats, device=device,
+            )
+            out.append(Figure(name, f"{mode} / SDPA", ours.median, base.median, _ratio(ours, base), 1.1))
+    return out
+
+
+def sliding_window_figures(L: int, left: int, repeats: int, device: str) -> tuple[list[Figure], float]:
+    pattern = al.SlidingWindow(left=left, right=0)
+    name = f"SlidingWindow({left},0) L={L}"
+    out = []
+    q, k, v = _qkv((L,), True, device=device)
+    ours_fb = measure(forward_backward(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
+    i = torch.arange(L, device=device)
+    bool_mask = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - left)
+    sdpa_fb = measure(
+        forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bool_mask), q, k, v),
+        max(1, repeats - 1), device=device,
+    )
+    del bool_mask
+    out.append(Figure(name, "fwd+bwd / SDPA(bool mask)", ours_fb.median, sdpa_fb.median, _ratio(ours_fb, sdpa_fb), 0.25))
+    ours_f = measure(forward_only(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
+    flex_t, compile_s, why = _flex_forward(q, k, v, pattern, L, repeats, device)
+    note = f"flex compile {compile_s:.1f}s (excluded)" if flex_t else why
+    out.append(Figure(name, "fwd / compiled flex(BlockMask)", ours_f.median,
+                      flex_t.median if flex_t else None, _ratio(ours_f, flex_t), 1.25, note))
+    density = visible_fraction(pattern, (L,))
+    return out + [Figure(name, "", ours_fb.median, None, None, 0.0, f"density={density:.4f}")], density
+
+
+def _flex_forward(q, k, v, pattern, L, repeats, device):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        return None, 0.0, f"flex not available: {e}"
+    try:
+        geom = al.geometry.check_qkv(q, k, v)
+        mask_mod = pattern.as_mask_mod(geom)
+        block_mask = create_block_mask(mask_mod, None, None, L, L, device=device)
+        fn = torch.compile(flex_attention, dynamic=False)
+        qd, kd, vd = (x.detach() for x in (q, k, v))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn(qd, kd, vd, block_mask=block_mask)
+        compile_s = time.perf_counter() - t0
+        t = measure(forward_only(lambda a, b, c: fn(a, b, c, block_mask=block_mask), qd, kd, vd), repeats, device=device)
+        return t, compile_s, ""
+    except Exception as e:  # a peer failing is a result, not a crash
+        return None, 0.0, f"flex failed: {type(e).__name__}: {str(e)[:120]}"
+
+
+def neighborhood_figures(shape: tuple[int, ...], kernel: tuple[int, ...], repeats: int, device: str):
+    pattern = al.Neighborhood(kernel_size=kernel)
+    name = f"Neighborhood{kernel} on {shape}"
+    q, k, v = _qkv(shape, True, device=device)
+    ours_fb = measure(forward_backward(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
+    ours_f = measure(forward_only(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
+    nat, why = _natten_forward(q, k, v, kernel, repeats, device)
+    note = "NATTEN has no CPU backward: baseline is its forward" if nat and device == "cpu" else why
+    figs = [
+        Figure(name, "fwd+bwd / NATTEN fwd", ours_fb.median, nat.median if nat else None, _ratio(ours_fb, nat), 0.05, note),
+        Figure(name, "fwd / NATTEN fwd", ours_f.median, nat.median if nat else None, _ratio(ours_f, nat), 0.05, why),
+    ]
+    density = 1.0
+    for kk, s in zip(kernel, shape):
+        density *= kk / s
+    return figs, ours_fb, density
+
+
+def _natten_forward(q, k, v, kernel, repeats, device):
+    try:
+        import natten
+    except ImportError:
+        return None, "NATTEN not installed"
+    fn = {1: "na1d", 2: "na2d", 3: "na3d"}[len(kernel)]
+    try:
+        qh, kh, vh = (x.detach().movedim(1, -2).contiguous() for x in (q, k, v))  # heads-last
+        f = getattr(natten, fn)
+        call = forward_only(lambda a, b, c: f(a, b, c, kernel_size=kernel), qh, kh, vh)
+        return measure(call, repeats, device=device), ""
+    except Exception as e:
+        return None, f"NATTEN failed: {type(e).__name__}: {str(e)[:120]}"
+
+
+def density_figure(name: str, ours: float, density: float, shape, repeats: int, device: str) -> Figure:
+    q, k, v = _qkv(shape, True, device=device)
+    flat = [x.detach().flatten(2, -2).requires_grad_() for x in (q, k, v)]
+    dense = measure(forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), *flat), max(1, repeats - 1), device=device)
+    budget = density * dense.median
+    return Figure(name, "fwd+bwd / (density x dense SDPA)", ours, budget, ours / budget, 2.5,
+                  f"density={density:.4f}, dense fwd+bwd {dense.median:.2f}s")
+
+
+def memory_figure(L: int, left: int, device: str) -> Figure:
+    """Peak RSS of a fresh process that runs SlidingWindow forward+backward at length L."""
+    code = (
+        "import torch, attnlab as al\n"
+        "from attnlab.bench.timing import peak_rss_gib\n"
+        f"q,k,v=[torch.randn(1,8,{L},64,device='{device}',requires_grad=True) for _ in range(3)]\n"
+        f"o=al.attention(q,k,v,al.SlidingWindow(left={left},right=0)); o.backward(torch.ones_like(o))\n"
+        "print(peak_rss_gib())\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode != 0:
+        return Figure(f"SlidingWindow({left},0) L={L}", "peak RSS GiB / 1", None, None, None, 2.5,
+                      f"failed: {res.stderr.strip().splitlines()[-1][:120] if res.stderr else res.returncode}")
+    gib = float(res.stdout.strip().splitlines()[-1])
+    return Figure(f"SlidingWindow({left},0) L={L}", "peak process RSS (GiB)", gib, None, gib, 2.5)
+
+
+SIZES = {
+    "full": dict(dense_L=4096, sw_L=16384, sw_left=511, na1=((4096,), (255,)), na2=((64, 64), (13, 13)), mem_L=65536),
+    "quick": dict(dense_L=1024, sw_L=4096, sw_left=127, na1=((1024,), (63,)), na2=((32, 32), (7, 7)), mem_L=16384),
+}
+
+
+def run(sizes: str = "full", repeats: int = 3, device: str = "cpu", progress: Callable[[str], None] = print) -> list[Figure]:
+    s = SIZES[sizes]
+    figs: list[Figure] = []
+    progress(f"dense and causal, L={s['dense_L']}")
+    figs += dense_figures(s["dense_L"], repeats, device)
+    progress(f"sliding window, L={s['sw_L']}")
+    sw, sw_density = sliding_window_figures(s["sw_L"], s["sw_left"], repeats, device)
+    figs += sw[:-1]
+    for shape, kernel in (s["na1"], s["na2"]):
+        progress(f"neighborhood {kernel} on {shape}")
+        nf, ours_fb, density = neighborhood_figures(shape, kernel, repeats, device)
+        figs += nf
+        figs.append(density_figure(f"Neighborhood{kernel} on {shape}", ours_fb.median, density, shape, repeats, device))
+    progress("sliding window density budget")
+    figs.append(density_figure(sw[0].name, sw[-1].ours, sw_density, (s["sw_L"],), repeats, device))
+    progress(f"peak memory, L={s['mem_L']}")
+    figs.append(memory_figure(s["mem_L"], s["sw_left"], device))
+    return figs
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "attnlab": al.__version__,
+        "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m attnlab.bench.kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes (about a minute on 2 CPU cores)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    figs = run("quick" if a.quick else "full", a.repeats, a.device, lambda m: print(f"... {m}", flush=True))
+    env = environment()
+    print(f"\nattnlab {env['attnlab']}, torch {env['torch']}, {env['threads']} threads, device {a.device}")
+    print(f"{'problem':<44} {'ratio (attnlab / baseline)':<34} {'value':>8}  target")
+    for f in figs:
+        print(f.row())
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"environment": env, "figures": [asdict(f) | {"passed": f.passed} for f in figs]}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

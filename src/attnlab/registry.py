@@ -1,0 +1,237 @@
+"""The catalog: every mechanism attnlab offers, with its paper, family and capabilities.
+
+This is the one list that ``attnlab list``, the benchmark, the docs table and the
+parametrised tests read: a mechanism shows up everywhere by being registered here once.
+Each entry has an ``example`` factory that builds a representative instance for a token
+shape, which the benchmark and the tests use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .patterns import (
+    BlockSparse,
+    Blocked,
+    Causal,
+    Document,
+    Full,
+    GlobalTokens,
+    Grid,
+    Halo,
+    Neighborhood,
+    PrefixLM,
+    Radial,
+    Sinks,
+    SlidingWindow,
+    Strided,
+)
+from .scores import ALiBi, RelativeBias, RelativeEmbedding, Softcap, Temperature
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    year: int
+
+    def __str__(self) -> str:
+        return f"{self.title} ({self.year})"
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One catalog row.
+
+    ``example(token_shape, heads)`` returns ``(pattern, score_mod)`` for a problem of that
+    token shape (self-attention) and number of query heads.
+    """
+
+    name: str
+    family: str  # "core" | "linear" | "adaptive" | ...
+    kind: str  # "pattern" | "score_mod" | "function"
+    papers: tuple[Paper, ...]
+    exact: bool
+    causal: bool
+    cross: bool
+    ndims: tuple[int, ...]
+    backends: tuple[str, ...]
+    example: Callable[[tuple[int, ...], int], tuple[object, object]] = field(repr=False)
+    summary: str = ""
+
+    def as_row(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "kind": self.kind,
+            "paper": "; ".join(str(p) for p in self.papers) or "-",
+            "exact": "exact" if self.exact else "approx",
+            "causal": "yes" if self.causal else "no",
+            "cross": "yes" if self.cross else "no",
+            "ndim": ",".join(str(d) for d in self.ndims),
+            "backends": ",".join(self.backends),
+        }
+
+
+_SPARSE = ("tiled", "flex", "reference")
+_DENSE = ("sdpa", "tiled", "flex", "reference")
+_ALL_ND = (1, 2, 3)
+
+
+def _window_len(shape: tuple[int, ...], frac: float = 0.125) -> int:
+    return max(1, int(shape[-1] * frac))
+
+
+def _kernel(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(max(1, min(s, 7 if len(shape) > 1 else max(3, s // 16)) | 1) if s >= 3 else 1 for s in shape)
+
+
+def _block_layout(shape: tuple[int, ...], heads: int) -> BlockSparse:
+    n = -(-shape[-1] // 64) if len(shape) == 1 else -(-int(torch.tensor(shape).prod()) // 64)
+    g = torch.Generator().manual_seed(0)
+    layout = torch.rand(n, n, generator=g) < 0.25
+    layout |= torch.eye(n, dtype=torch.bool)
+    return BlockSparse(layout, 64)
+
+
+def _doc_ids(shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(torch.tensor(shape).prod())
+    return torch.arange(n) // max(1, n // 4)
+
+
+_CORE_PAPER = Paper("Self-attention Does Not Need O(n^2) Memory", 2021)
+
+MECHANISMS: tuple[Mechanism, ...] = (
+    Mechanism("full", "core", "pattern", (_CORE_PAPER, Paper("Attention Is All You Need", 2017)),
+              True, False, True, _ALL_ND, _DENSE, lambda s, h: (Full(), None),
+              "dense softmax attention"),
+    Mechanism("causal", "core", "pattern", (_CORE_PAPER,), True, True, True, _ALL_ND, _DENSE,
+              lambda s, h: (Causal(), None), "causal, bottom-right aligned for L != S"),
+    Mechanism("sliding_window", "core", "pattern",
+              (Paper("Longformer: The Long-Document Transformer", 2020),), True, True, True, (1,),
+              _SPARSE, lambda s, h: (SlidingWindow(left=_window_len(s), right=0), None),
+              "causal or two-sided local window, optional dilation"),
+    Mechanism("sliding_window+sinks", "core", "pattern",
+              (Paper("Efficient Streaming Language Models with Attention Sinks", 2024),), True, True,
+              True, (1,), _SPARSE,
+              lambda s, h: (SlidingWindow(left=_window_len(s)) | Sinks(4), None),
+              "sliding window plus always-visible first tokens"),
+    Mechanism("neighborhood", "core", "pattern",
+              (Paper("Neighborhood Attention Transformer", 2023),
+               Paper("Dilated Neighborhood Attention Transformer", 2022),
+               Paper("Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light", 2025)),
+              True, True, False, _ALL_ND, _SPARSE,
+              lambda s, h: (Neighborhood(kernel_size=_kernel(s)), None),
+              "NATTEN semantics: fixed-size windows that shift at borders; dilation, stride, causal"),
+    Mechanism("blocked", "core", "pattern",
+              (Paper("MaxViT: Multi-Axis Vision Transformer", 2022),
+               Paper("DaViT: Dual Attention Vision Transformers", 2022)),
+              True, False, False, _ALL_ND, _SPARSE,
+              lambda s, h: (Blocked(tuple(max(1, x // 8) for x in s)), None),
+              "non-overlapping windows"),
+    Mechanism("grid", "core", "pattern", (Paper("MaxViT: Multi-Axis Vision Transformer", 2022),),
+              True, False, False, _ALL_ND, _SPARSE,
+              lambda s, h: (Grid(tuple(_divisor(x) for x in s)), None),
+              "tokens at equal offset in every block (dilated global)"),
+    Mechanism("halo", "core", "pattern",
+              (Paper("Scaling Local Self-Attention for Parameter Efficient Visual Backbones", 2021),),
+              True, False, False, _ALL_ND, _SPARSE,
+              lambda s, h: (Halo(tuple(max(1, x // 8) for x in s), tuple(max(1, x // 32) for x in s)), None),
+              "blocks attend to their block plus a halo"),
+    Mechanism("strided", "core", "pattern",
+              (Paper("Generating Long Sequences with Sparse Transformers", 2019),), True, True, True,
+              (1,), _SPARSE, lambda s, h: (Strided(max(2, s[-1] // 16)) & Causal(), None),
+              "Sparse-Transformer strided head"),
+    Mechanism("s2_shards", "core", "pattern",
+              (Paper("S2-Attention: Hardware-Aware Context Sharding Among Attention Heads", 2024),),
+              True, True, True, (1,), _SPARSE,
+              lambda s, h: ((Strided(max(2, h), mode="shard") | SlidingWindow(_window_len(s, 1 / 32))) & Causal(), None),
+              "per-head strided shards of the context plus a local window"),
+    Mechanism("global_tokens", "core", "pattern",
+              (Paper("Combiner: Full Attention Transformer with Sparse Computation Cost", 2021),),
+              True, False, False, (1,), _SPARSE,
+              lambda s, h: (SlidingWindow(_window_len(s), _window_len(s)) | GlobalTokens(8), None),
+              "first tokens see and are seen by all"),
+    Mechanism("document", "core", "pattern", (), True, True, True, (1,), _SPARSE,
+              lambda s, h: (Document(_doc_ids(s)) & Causal(), None), "packed sequences"),
+    Mechanism("prefix_lm", "core", "pattern", (), True, True, True, (1,), _SPARSE,
+              lambda s, h: (PrefixLM(max(1, s[-1] // 4)), None), "bidirectional prefix, causal after"),
+    Mechanism("block_sparse", "core", "pattern",
+              (Paper("SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs", 2024),
+               Paper("MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression", 2024)),
+              True, True, True, (1,), _SPARSE, lambda s, h: (_block_layout(s, h), None),
+              "any block layout"),
+    Mechanism("radial", "core", "pattern",
+              (Paper("Radial Attention: O(n log n) Sparse Attention with Energy Decay for Long Video Generation", 2025),),
+              True, False, False, (1,), _SPARSE,
+              lambda s, h: (Radial(frame_size=max(1, s[-1] // 16)), None),
+              "spatio-temporal window that shrinks as temporal distance doubles"),
+    Mechanism("alibi", "core", "score_mod",
+              (Paper("Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation", 2022),),
+              True, True, True, _ALL_ND, _SPARSE, lambda s, h: (Causal(), ALiBi(h)),
+              "linear distance penalty per head"),
+    Mechanism("relative_bias", "core", "score_mod",
+              (Paper("Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer", 2020),),
+              True, True, True, _ALL_ND, _SPARSE, lambda s, h: (Causal(), RelativeBias(h)),
+              "T5 bucketed learned bias"),
+    Mechanism("relative_embedding", "core", "score_mod",
+              (Paper("Music Transformer: Generating Music with Long-Term Structure", 2018),),
+              True, True, True, (1,), ("tiled", "reference"),
+              lambda s, h: (Causal(), RelativeEmbedding(64, max_distance=min(512, s[-1]))),
+              "learned q-dependent relative embeddings, memory-linear"),
+    Mechanism("softcap", "core", "score_mod",
+              (Paper("Gemma 2: Improving Open Language Models at a Practical Size", 2024),), True, True,
+              True, _ALL_ND, _SPARSE, lambda s, h: (Causal(), Softcap(30.0)), "tanh soft-capping"),
+    Mechanism("temperature", "core", "score_mod",
+              (Paper("Length-Induced Embedding Collapse in Transformer-based Models", 2024),), True,
+              True, True, _ALL_ND, _SPARSE, lambda s, h: (Full(), Temperature(0.5)),
+              "softmax temperature"),
+    Mechanism("merge_attentions", "core", "function",
+              (Paper("Lean Attention: Hardware-Aware Scalable Attention Mechanism for the Decode-Phase of Transformers", 2024),),
+              True, True, True, _ALL_ND, (), lambda s, h: (None, None),
+              "exact merge of split-KV partial attentions by log-sum-exp"),
+)
+
+
+def _divisor(n: int) -> int:
+    for d in (8, 4, 2):
+        if n % d == 0 and n // d >= 1:
+            return d
+    return 1
+
+
+def catalog(family: str | None = None) -> list[Mechanism]:
+    """Every registered mechanism (optionally of one family)."""
+    if family is None:
+        return list(MECHANISMS)
+    return [m for m in MECHANISMS if m.family == family]
+
+
+def get(name: str) -> Mechanism:
+    """The mechanism called ``name``; ValueError listing the names otherwise."""
+    for m in MECHANISMS:
+        if m.name == name:
+            return m
+    raise ValueError(f"unknown mechanism {name!r}; known: {[m.name for m in MECHANISMS]}")
+
+
+def format_table(rows: list[Mechanism], columns: tuple[str, ...] | None = None) -> str:
+    """A plain-text table of catalog rows."""
+    data = [m.as_row() for m in rows]
+    cols = columns or ("name", "family", "kind", "exact", "causal", "cross", "ndim", "backends", "paper")
+    widths = {c: max(len(c), *(len(d[c]) for d in data)) if data else len(c) for c in cols}
+    limit = {"paper": 90}
+    out = ["  ".join(c.ljust(min(widths[c], limit.get(c, 999))) for c in cols)]
+    out.append("  ".join("-" * min(widths[c], limit.get(c, 999)) for c in cols))
+    for d in data:
+        cells = []
+        for c in cols:
+            text = d[c]
+            lim = limit.get(c, 999)
+            if len(text) > lim:
+                text = text[: lim - 3] + "..."
+            cells.append(text.ljust(min(widths[c], lim)))
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
