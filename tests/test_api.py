@@ -54,7 +54,8 @@ def test_return_lse_shape_and_dtype(backend, dtype, lse_dtype):
     assert out.shape == (2, 4, 5, 3, 5) and out.dtype == dtype
     assert lse.shape == (2, 4, 5, 3) and lse.dtype == lse_dtype
     # the lse is the log-sum-exp of the visible scaled logits
-    qf, kf = q.double().reshape(2, 4, 15, 6), k.double().reshape(2, 2, 8, 6).repeat_interleave(2, 1)
+    qf = q.double().reshape(2, 4, 15, 6)
+    kf = k.double().reshape(2, 2, 8, 6).repeat_interleave(2, 1)
     logits = (qf @ kf.transpose(-1, -2)) / math.sqrt(6)
     i, j = torch.arange(15).view(-1, 1), torch.arange(8).view(1, -1)
     want = logits.masked_fill(~(j <= i + 8 - 15), float("-inf")).logsumexp(-1).reshape(2, 4, 5, 3)
@@ -71,7 +72,9 @@ def test_without_return_lse_returns_a_tensor():
 
 # -- dtypes ---------------------------------------------------------------------------------
 HALF = [torch.float16, torch.bfloat16]
-HALF_PATTERNS = {"full": None, "causal": al.Causal(), "window|sinks": al.SlidingWindow(5) | al.Sinks(1)}
+HALF_PATTERNS = {
+    "full": None, "causal": al.Causal(), "window|sinks": al.SlidingWindow(5) | al.Sinks(1),
+}
 
 
 @pytest.mark.parametrize("pattern", list(HALF_PATTERNS.values()), ids=list(HALF_PATTERNS))
@@ -117,7 +120,8 @@ def test_half_precision_with_score_mod_parameters(dtype):
 def test_integer_and_bool_inputs_raise_type_error(which, dtype):
     qkv = dict(zip("qkv", make_qkv(1, 2, 2, (8,), (8,), 4, 4, dtype=torch.float32, grad=False)))
     qkv[which] = qkv[which].to(dtype)
-    with pytest.raises(TypeError, match=rf"{which} must be a floating-point tensor.*{which}\.dtype"):
+    msg = rf"{which} must be a floating-point tensor.*{which}\.dtype"
+    with pytest.raises(TypeError, match=msg):
         al.attention(qkv["q"], qkv["k"], qkv["v"])
 
 
@@ -174,68 +178,125 @@ def _t(*shape, dtype=torch.float32, device="cpu"):
 
 Q, K, V = _t(2, 4, 10, 8), _t(2, 2, 10, 8), _t(2, 2, 10, 6)
 
+def _nbh(shape, pattern, kv_shape=None):
+    kv_shape = kv_shape or shape
+    return al.attention(_t(1, 1, *shape, 4), _t(1, 1, *kv_shape, 4), _t(1, 1, *kv_shape, 4),
+                        pattern)
+
+
+# name -> (call, exception, regex that the message must match: it names the argument)
 BAD = {
-    "batch-mismatch": (lambda: al.attention(Q, _t(3, 2, 10, 8), _t(3, 2, 10, 6)),
-                       ValueError, r"batch sizes differ.*k\.shape\[0\]=3"),
-    "kv-heads-mismatch": (lambda: al.attention(Q, K, _t(2, 1, 10, 6)),
-                          ValueError, r"k and v must have the same number of heads.*v\.shape\[1\]=1"),
-    "hq-not-multiple": (lambda: al.attention(_t(2, 3, 10, 8), K, V),
-                        ValueError, r"multiple.*q\.shape\[1\]=3 and k\.shape\[1\]=2"),
-    "head-dim-mismatch": (lambda: al.attention(Q, _t(2, 2, 10, 7), V),
-                          ValueError, r"same head dimension.*k\.shape\[-1\]=7"),
-    "kv-token-shapes": (lambda: al.attention(Q, K, _t(2, 2, 11, 6)),
-                        ValueError, r"k and v must have the same token axes.*v\.shape=\(2, 2, 11, 6\)"),
-    "kv-token-axes-count": (lambda: al.attention(Q, _t(2, 2, 2, 5, 8), _t(2, 2, 2, 5, 6)),
-                            ValueError, r"same number of dimensions.*k\.shape"),
-    "too-few-dims": (lambda: al.attention(Q[0], K[0], V[0]),
-                     ValueError, r"q must have shape \(B, H, \*tokens, D\).*q\.shape=\(4, 10, 8\)"),
-    "empty-dim": (lambda: al.attention(_t(2, 4, 0, 8), K, V),
-                  ValueError, r"q has an empty dimension"),
-    "pattern-axes": (lambda: al.attention(Q, K, V, al.Neighborhood((3, 3))),
-                     ValueError, r"pattern Neighborhood.*2 token axes but the inputs have 1"),
+    "batch-mismatch": (
+        lambda: al.attention(Q, _t(3, 2, 10, 8), _t(3, 2, 10, 6)),
+        ValueError, r"batch sizes differ.*k\.shape\[0\]=3"),
+    "kv-heads-mismatch": (
+        lambda: al.attention(Q, K, _t(2, 1, 10, 6)),
+        ValueError, r"k and v must have the same number of heads.*v\.shape\[1\]=1"),
+    "hq-not-multiple": (
+        lambda: al.attention(_t(2, 3, 10, 8), K, V),
+        ValueError, r"multiple.*q\.shape\[1\]=3 and k\.shape\[1\]=2"),
+    "head-dim-mismatch": (
+        lambda: al.attention(Q, _t(2, 2, 10, 7), V),
+        ValueError, r"same head dimension.*k\.shape\[-1\]=7"),
+    "kv-token-shapes": (
+        lambda: al.attention(Q, K, _t(2, 2, 11, 6)),
+        ValueError, r"k and v must have the same token axes.*v\.shape=\(2, 2, 11, 6\)"),
+    "kv-token-axes-count": (
+        lambda: al.attention(Q, _t(2, 2, 2, 5, 8), _t(2, 2, 2, 5, 6)),
+        ValueError, r"same number of dimensions.*k\.shape"),
+    "too-few-dims": (
+        lambda: al.attention(Q[0], K[0], V[0]),
+        ValueError, r"q must have shape \(B, H, \*tokens, D\).*q\.shape=\(4, 10, 8\)"),
+    "empty-dim": (
+        lambda: al.attention(_t(2, 4, 0, 8), K, V),
+        ValueError, r"q has an empty dimension"),
+    "pattern-axes": (
+        lambda: al.attention(Q, K, V, al.Neighborhood((3, 3))),
+        ValueError, r"pattern Neighborhood.*2 token axes but the inputs have 1"),
     "kernel-larger-than-axis": (
-        lambda: al.attention(_t(1, 1, 5, 6, 4), _t(1, 1, 5, 6, 4), _t(1, 1, 5, 6, 4),
-                             al.Neighborhood((7, 3))),
+        lambda: _nbh((5, 6), al.Neighborhood((7, 3))),
         ValueError, r"kernel_size=7 is larger than token axis 0 of length 5"),
     "dilation-times-kernel": (
-        lambda: al.attention(_t(1, 1, 10, 4), _t(1, 1, 10, 4), _t(1, 1, 10, 4),
-                             al.Neighborhood(3, dilation=4)),
+        lambda: _nbh((10,), al.Neighborhood(3, dilation=4)),
         ValueError, r"dilation \* kernel_size = 4 \* 3 = 12 is larger than token axis 0"),
-    "negative-left": (lambda: al.SlidingWindow(left=-1), ValueError, r"left must be an int >= 0.*left=-1"),
-    "negative-right": (lambda: al.SlidingWindow(left=2, right=-3), ValueError, r"right=-3"),
-    "zero-dilation": (lambda: al.SlidingWindow(left=2, dilation=0), ValueError, r"dilation=0"),
-    "int-q": (lambda: al.attention(Q.to(torch.int32), K, V), TypeError, r"q must be a floating-point.*int32"),
-    "bool-k": (lambda: al.attention(Q, K.bool(), V), TypeError, r"k must be a floating-point.*bool"),
-    "int64-v": (lambda: al.attention(Q, K, V.long()), TypeError, r"v must be a floating-point.*int64"),
-    "mixed-dtypes": (lambda: al.attention(Q, K.double(), V), TypeError, r"k\.dtype=torch\.float64"),
-    "other-device-k": (lambda: al.attention(Q, _t(2, 2, 10, 8, device="meta"), V),
-                       ValueError, r"one device.*k\.device=meta"),
-    "other-device-v": (lambda: al.attention(Q, K, _t(2, 2, 10, 6, device="meta")),
-                       ValueError, r"one device.*v\.device=meta"),
+    "neighborhood-cross": (
+        lambda: _nbh((5,), al.Neighborhood(3), kv_shape=(6,)),
+        ValueError, r"self-attention.*\(5,\).*\(6,\)"),
+    "negative-left": (
+        lambda: al.SlidingWindow(left=-1),
+        ValueError, r"left must be an int >= 0.*left=-1"),
+    "negative-right": (
+        lambda: al.SlidingWindow(left=2, right=-3),
+        ValueError, r"right=-3"),
+    "zero-dilation": (
+        lambda: al.SlidingWindow(left=2, dilation=0),
+        ValueError, r"dilation=0"),
+    "int-q": (
+        lambda: al.attention(Q.to(torch.int32), K, V),
+        TypeError, r"q must be a floating-point.*int32"),
+    "bool-k": (
+        lambda: al.attention(Q, K.bool(), V),
+        TypeError, r"k must be a floating-point.*bool"),
+    "int64-v": (
+        lambda: al.attention(Q, K, V.long()),
+        TypeError, r"v must be a floating-point.*int64"),
+    "mixed-dtypes": (
+        lambda: al.attention(Q, K.double(), V),
+        TypeError, r"k\.dtype=torch\.float64"),
+    "other-device-k": (
+        lambda: al.attention(Q, _t(2, 2, 10, 8, device="meta"), V),
+        ValueError, r"one device.*k\.device=meta"),
+    "other-device-v": (
+        lambda: al.attention(Q, K, _t(2, 2, 10, 6, device="meta")),
+        ValueError, r"one device.*v\.device=meta"),
+    "score-mod-other-device": (
+        lambda: al.attention(Q, K, V, score_mod=al.RelativeBias(4).to("meta")),
+        ValueError, r"score_mod parameters are on meta but q is on cpu"),
     "block-sparse-layout-shape": (
         lambda: al.attention(Q, K, V, al.BlockSparse(torch.ones(2, 2, dtype=torch.bool), 4)),
         ValueError, r"layout must have block shape.*\(3, 3\).*layout\.shape=\(2, 2\)"),
     "block-sparse-layout-heads": (
         lambda: al.attention(Q, K, V, al.BlockSparse(torch.ones(1, 3, 3, 3, dtype=torch.bool), 4)),
         ValueError, r"layout batch/head axes.*layout\.shape=\(1, 3, 3, 3\)"),
-    "unknown-backend": (lambda: al.attention(Q, K, V, backend="fast"), ValueError, r"backend='fast'"),
-    "forced-backend-cannot-run": (lambda: al.attention(Q, K, V, al.Causal(), backend="sdpa", return_lse=True),
-                                  ValueError, r"backend='sdpa' cannot run this problem.*return_lse"),
-    "scale-str": (lambda: al.attention(Q, K, V, scale="0.5"), TypeError, r"scale must be a float.*str"),
-    "scale-bool": (lambda: al.attention(Q, K, V, scale=True), TypeError, r"scale must be a float.*bool"),
-    "scale-nan": (lambda: al.attention(Q, K, V, scale=float("nan")), ValueError, r"scale must be finite"),
-    "non-tensor-q": (lambda: al.attention(Q.tolist(), K, V), TypeError, r"q must be a torch\.Tensor.*list"),
-    "non-tensor-v": (lambda: al.attention(Q, K, None), TypeError, r"v must be a torch\.Tensor.*NoneType"),
-    "pattern-not-pattern": (lambda: al.attention(Q, K, V, pattern=3), TypeError, r"pattern must be"),
-    "score-mod-not-callable": (lambda: al.attention(Q, K, V, score_mod="alibi"), TypeError, r"score_mod must be"),
-    "return-lse-not-bool": (lambda: al.attention(Q, K, V, return_lse=1), TypeError, r"return_lse must be a bool"),
-    "mask-mod-not-bool": (lambda: al.attention(Q, K, V, lambda b, h, q, k: (k <= q).float()),
-                          TypeError, r"mask_mod.*must return a boolean tensor"),
-    "alibi-heads": (lambda: al.attention(Q, K, V, score_mod=al.ALiBi(3)), ValueError, r"num_heads=3.*4 heads"),
-    "document-ids-length": (lambda: al.attention(Q, K, V, al.Document(torch.zeros(9, dtype=torch.long))),
-                            ValueError, r"ids must have shape \(10,\).*ids\.shape=\(9,\)"),
-    "neighborhood-cross": (lambda: al.attention(_t(1, 1, 5, 4), _t(1, 1, 6, 4), _t(1, 1, 6, 4), al.Neighborhood(3)),
-                           ValueError, r"self-attention.*\(5,\).*\(6,\)"),
+    "unknown-backend": (
+        lambda: al.attention(Q, K, V, backend="fast"),
+        ValueError, r"backend='fast'"),
+    "forced-backend-cannot-run": (
+        lambda: al.attention(Q, K, V, al.Causal(), backend="sdpa", return_lse=True),
+        ValueError, r"backend='sdpa' cannot run this problem.*return_lse"),
+    "scale-str": (
+        lambda: al.attention(Q, K, V, scale="0.5"),
+        TypeError, r"scale must be a float.*str"),
+    "scale-bool": (
+        lambda: al.attention(Q, K, V, scale=True),
+        TypeError, r"scale must be a float.*bool"),
+    "scale-nan": (
+        lambda: al.attention(Q, K, V, scale=float("nan")),
+        ValueError, r"scale must be finite"),
+    "non-tensor-q": (
+        lambda: al.attention(Q.tolist(), K, V),
+        TypeError, r"q must be a torch\.Tensor.*list"),
+    "non-tensor-v": (
+        lambda: al.attention(Q, K, None),
+        TypeError, r"v must be a torch\.Tensor.*NoneType"),
+    "pattern-not-pattern": (
+        lambda: al.attention(Q, K, V, pattern=3),
+        TypeError, r"pattern must be"),
+    "score-mod-not-callable": (
+        lambda: al.attention(Q, K, V, score_mod="alibi"),
+        TypeError, r"score_mod must be"),
+    "return-lse-not-bool": (
+        lambda: al.attention(Q, K, V, return_lse=1),
+        TypeError, r"return_lse must be a bool"),
+    "mask-mod-not-bool": (
+        lambda: al.attention(Q, K, V, lambda b, h, q, k: (k <= q).float()),
+        TypeError, r"mask_mod.*must return a boolean tensor"),
+    "alibi-heads": (
+        lambda: al.attention(Q, K, V, score_mod=al.ALiBi(3)),
+        ValueError, r"num_heads=3.*4 heads"),
+    "document-ids-length": (
+        lambda: al.attention(Q, K, V, al.Document(torch.zeros(9, dtype=torch.long))),
+        ValueError, r"ids must have shape \(10,\).*ids\.shape=\(9,\)"),
 }
 
 
@@ -259,11 +320,13 @@ WEIGHT_CASES = {
     "B2-Hq2-Hkv2-L15-S6-causal-empty": ((2, 2, 2, (15,), (6,), 4, 4), al.Causal(), None),
     "B1-Hq4-Hkv2-L4x5-nbh": ((1, 4, 2, (4, 5), (4, 5), 4, 6), al.Neighborhood((3, 3)), None),
     "B1-Hq4-Hkv4-L2x3x4-full-alibi": ((1, 4, 4, (2, 3, 4), (2, 3, 4), 4, 4), None, al.ALiBi(4)),
-    "B1-Hq2-Hkv1-L10-relemb": ((1, 2, 1, (10,), (10,), 4, 4), al.Causal(), al.RelativeEmbedding(4, 3)),
+    "B1-Hq2-Hkv1-L10-relemb": (
+        (1, 2, 1, (10,), (10,), 4, 4), al.Causal(), al.RelativeEmbedding(4, 3)),
 }
 
 
-@pytest.mark.parametrize("geom,pattern,score_mod", list(WEIGHT_CASES.values()), ids=list(WEIGHT_CASES))
+@pytest.mark.parametrize("geom,pattern,score_mod", list(WEIGHT_CASES.values()),
+                         ids=list(WEIGHT_CASES))
 def test_attention_weights(geom, pattern, score_mod):
     B, Hq, Hkv, Ls, Ss, D, Dv = geom
     q, k, v = make_qkv(*geom, grad=False)

@@ -35,7 +35,7 @@ def test_entry_is_well_formed(mech):
         assert isinstance(p.title, str) and len(p.title) > 5
         assert isinstance(p.year, int) and 1990 <= p.year <= 2030
         assert str(p.year) in str(p)
-    assert isinstance(mech.exact, bool) and isinstance(mech.causal, bool) and isinstance(mech.cross, bool)
+    assert all(isinstance(x, bool) for x in (mech.exact, mech.causal, mech.cross))
     assert len(mech.ndims) >= 1 and set(mech.ndims) <= {1, 2, 3}
     assert list(mech.ndims) == sorted(set(mech.ndims))
     assert set(mech.backends) <= set(all_backends())
@@ -65,27 +65,13 @@ def test_format_table_lists_every_entry():
 SHAPES = [(40,), (6, 7), (4, 5, 6)]
 
 
-def known_bad(name: str, shape: tuple[int, ...]) -> str | None:
-    """Why the catalog example cannot run on ``shape`` (a bug in src/), or None."""
-    if name == "neighborhood" and len(shape) > 1 and any(s in (4, 6) for s in shape):
-        return (
-            "registry._kernel: min(s, 7) | 1 rounds an even axis length s < 7 up to s + 1 "
-            "(5 for 4, 7 for 6), larger than the axis, so the Neighborhood example fails "
-            "validation on such 2-D/3-D shapes although the entry lists ndims (1, 2, 3)"
-        )
-    return None
-
-
 def example_cases():
     for m in ENTRIES:
         if m.kind not in ("pattern", "score_mod"):
             continue
         for shape in SHAPES:
             if len(shape) in m.ndims:
-                why = known_bad(m.name, shape)
-                marks = [pytest.mark.xfail(strict=True, raises=ValueError, reason=why)] if why else []
-                yield pytest.param(m, shape, id=f"{m.name}-L{'x'.join(map(str, shape))}",
-                                   marks=marks)
+                yield pytest.param(m, shape, id=f"{m.name}-L{'x'.join(map(str, shape))}")
 
 
 @pytest.mark.parametrize("mech,shape", list(example_cases()))

@@ -147,8 +147,10 @@ BAD = {
                   r"outputs\[1\]\.shape=\(1, 2, 4, 2\)"),
     "lse-shape": (lambda o, l: al.merge_attentions([o, o], [l, l[..., :3]]), ValueError,
                   r"lses\[1\]\.shape=\(1, 2, 3\)"),
-    "lse-with-feature-axis": (lambda o, l: al.merge_attentions([o], [o]), ValueError, r"lses\[0\]"),
-    "not-tensors": (lambda o, l: al.merge_attentions([o, "x"], [l, l]), TypeError, r"outputs\[1\]"),
+    "lse-with-feature-axis": (lambda o, l: al.merge_attentions([o], [o]),
+                              ValueError, r"lses\[0\]"),
+    "not-tensors": (lambda o, l: al.merge_attentions([o, "x"], [l, l]),
+                    TypeError, r"outputs\[1\]"),
 }
 
 

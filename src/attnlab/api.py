@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .backends.base import Backend, Problem
-from .backends.registry import all_backends
+from .backends.registry import TiledBackend, all_backends, check_option_values
 from .geometry import check_qkv, check_scale
 from .patterns.base import as_pattern
 from .patterns.layout import Tiling
@@ -47,14 +47,21 @@ def _problem(q, k, v, pattern, score_mod, scale, return_lse, options) -> Problem
     return Problem(q, k, v, g, pattern, score_mod, check_scale(scale, g.head_dim), return_lse, options)
 
 
-def _check_options(options: dict, backends: list[Backend]) -> None:
+class BackendUnavailable(ValueError):
+    """No backend (or not the forced one) can run a valid problem."""
+
+
+def _check_options(problem: Problem, backends: list[Backend]) -> None:
     known = {name for b in backends for name in b.options}
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(problem.options) - known)
     if unknown:
         raise ValueError(
             f"unknown options {unknown} for backend(s) {[b.name for b in backends]}; "
             f"accepted: {sorted(known)}"
         )
+    check_option_values(problem.options)
+    if "q_tile" in problem.options or "kv_tile" in problem.options:
+        TiledBackend().tiling(problem)  # raises ValueError naming a malformed tile option
 
 
 def _select(problem: Problem, backend: str) -> tuple[Backend, dict[str, list[str]]]:
@@ -64,7 +71,7 @@ def _select(problem: Problem, backend: str) -> tuple[Backend, dict[str, list[str
     if backend != AUTO and backend not in backends:
         raise ValueError(f"unknown backend={backend!r}; expected one of {[AUTO, *backends]}")
     candidates = list(backends.values()) if backend == AUTO else [backends[backend]]
-    _check_options(problem.options, candidates)
+    _check_options(problem, candidates)
     reasons: dict[str, list[str]] = {}
     for b in backends.values():
         reasons[b.name] = b.not_supported_reasons(problem)
@@ -72,12 +79,12 @@ def _select(problem: Problem, backend: str) -> tuple[Backend, dict[str, list[str
         if not reasons[b.name]:
             return b, reasons
     if backend != AUTO:
-        raise ValueError(
+        raise BackendUnavailable(
             f"backend={backend!r} cannot run this problem: " + "; ".join(reasons[backend])
             + f". Problem: {problem.describe()}"
         )
     detail = "\n".join(f"  {name}: {'; '.join(r)}" for name, r in reasons.items())
-    raise ValueError(f"no backend can run this problem ({problem.describe()}):\n{detail}")
+    raise BackendUnavailable(f"no backend can run this problem ({problem.describe()}):\n{detail}")
 
 
 def attention(
@@ -183,15 +190,15 @@ def explain(
         chosen, reasons = _select(problem, backend)
         chosen_name = chosen.name
         header = f"backend: {chosen_name}"
-    except ValueError as e:
+    except BackendUnavailable as e:
         chosen_name, reasons = None, {b.name: b.not_supported_reasons(problem) for b in all_backends().values()}
-        header = f"no backend runs this problem: {e}"
+        header = f"cannot run: {e}"
     lines = [header, f"problem: {problem.describe()}"]
     for name, why in reasons.items():
         mark = "*" if name == chosen_name else " "
         status = "can run" if not why else "; ".join(why)
         lines.append(f" {mark} {name:<9} {status}")
-    if chosen_name in ("tiled", "flex"):
+    if chosen_name == "tiled":
         lines.append(_layout_summary(problem))
     text = Explanation("\n".join(lines))
     text.backend = chosen_name
@@ -200,8 +207,6 @@ def explain(
 
 
 def _layout_summary(problem: Problem) -> str:
-    from .backends.registry import TiledBackend
-
     tiling: Tiling = TiledBackend().tiling(problem)
     layout = problem.pattern.block_layout(tiling)
     touched = layout.any.float().mean().item()

@@ -73,8 +73,9 @@ def _check_tensor(name: str, x: object) -> torch.Tensor:
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Geometry:
     """Validate ``q``, ``k``, ``v`` and return their :class:`Geometry`.
 
-    Raises ``TypeError`` for non-tensors and non-floating dtypes and ``ValueError`` for
-    shape, device and dtype mismatches; every message names the argument and its value.
+    Raises ``TypeError`` for non-tensors, non-floating dtypes and dtype mismatches, and
+    ``ValueError`` for shape and device mismatches; every message names the argument and
+    its value.
     """
     _check_tensor("q", q)
     _check_tensor("k", k)

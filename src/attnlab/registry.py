@@ -85,7 +85,13 @@ def _window_len(shape: tuple[int, ...], frac: float = 0.125) -> int:
 
 
 def _kernel(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(max(1, min(s, 7 if len(shape) > 1 else max(3, s // 16)) | 1) if s >= 3 else 1 for s in shape)
+    """An odd kernel no larger than its axis: 7 per axis in 2-D/3-D, ~S/16 in 1-D."""
+    def odd_at_most(want: int, size: int) -> int:
+        k = min(want, size)
+        return k if k % 2 == 1 else max(1, k - 1)
+
+    want = 7 if len(shape) > 1 else None
+    return tuple(odd_at_most(want or max(3, s // 16), s) for s in shape)
 
 
 def _block_layout(shape: tuple[int, ...], heads: int) -> BlockSparse:

@@ -134,7 +134,8 @@ EXPLAIN_CASES = {
 }
 
 
-@pytest.mark.parametrize("pattern,score_mod,kw", list(EXPLAIN_CASES.values()), ids=list(EXPLAIN_CASES))
+@pytest.mark.parametrize("pattern,score_mod,kw", list(EXPLAIN_CASES.values()),
+                         ids=list(EXPLAIN_CASES))
 def test_explain_names_backend_and_every_reason(pattern, score_mod, kw):
     q, k, v = make_qkv(1, 2, 1, (12,), (12,), 8, 8, dtype=torch.float32)
     e = al.explain(q, k, v, pattern, score_mod, **kw)
@@ -244,12 +245,33 @@ def test_unknown_option_raises():
         al.attention(q, k, v, options=[("q_tile", 8)])
 
 
+def test_tiled_refuses_too_many_tile_pairs():
+    """The tile-pair guard: tiled says why and auto falls back (nothing is computed)."""
+    q, k, v = make_qkv(1, 1, 1, (9000,), (9000,), 1, 1, dtype=torch.float32, grad=False)
+    opts = {"q_tile": 1, "kv_tile": 1}
+    e = al.explain(q, k, v, al.SlidingWindow(3), options=opts)
+    assert e.backend == "reference"
+    assert any("tile pairs" in r and "q_tile" in r for r in e.reasons["tiled"])
+    assert al.explain(q, k, v, al.SlidingWindow(3), backend="tiled", options=opts).backend is None
+    with pytest.raises(ValueError, match=r"backend='tiled' cannot run.*tile pairs"):
+        al.attention(q, k, v, al.SlidingWindow(3), backend="tiled", options=opts)
+
+
 def test_bad_tile_option_raises():
     q, k, v = make_qkv(1, 2, 2, (12,), (12,), 8, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="tile"):
         al.attention(q, k, v, al.SlidingWindow(2), backend="tiled", options={"q_tile": 0})
     with pytest.raises(ValueError, match="kv_tile"):
         al.attention(q, k, v, al.SlidingWindow(2), backend="tiled", options={"kv_tile": (2, 2)})
+
+
+@pytest.mark.parametrize("options", [{"q_tile": 8.0}, {"q_tile": True}, {"chunk_elements": "x"}],
+                         ids=["q_tile-float", "q_tile-bool", "chunk_elements-str"])
+def test_bad_option_types_name_the_option(options):
+    q, k, v = make_qkv(1, 2, 2, (12,), (12,), 8, 8, dtype=torch.float32)
+    (name,) = options
+    with pytest.raises((TypeError, ValueError), match=name):
+        al.attention(q, k, v, al.SlidingWindow(2), backend="tiled", options=options)
 
 
 # -- flex on CPU (inference, not compiled) -----------------------------------------------------
@@ -269,10 +291,37 @@ def _flex_cpu_problem() -> str | None:
 
 
 FLEX_OPTS = {"allow_cpu": True, "compile": False}
+_DOC_IDS = [[0] * 10 + [1] * 20 + [2] * 7, [0] * 3 + [1] * 30 + [3] * 4]
+
+
+def _random_layout(*shape, seed=0, p=0.5):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < p
+
+
+# name -> (() -> (pattern, score_mod), (B, Hq, Hkv, L, S, D, Dv))
 FLEX_CASES = {
-    "window-B1-Hq4-Hkv2-L40": (lambda: (al.SlidingWindow(5, 2), None), (1, 4, 2, (40,), (40,), 8, 8)),
-    "neighborhood-2d-B2-L6x7": (lambda: (al.Neighborhood((3, 3)), None), (2, 2, 2, (6, 7), (6, 7), 8, 4)),
-    "causal+alibi-L40-S30": (lambda: (al.Causal(), al.ALiBi(2)), (1, 2, 1, (40,), (30,), 8, 8)),
+    "window-B1-Hq4-Hkv2-L40": (
+        lambda: (al.SlidingWindow(5, 2), None), (1, 4, 2, (40,), (40,), 8, 8)),
+    "neighborhood-2d-B2-L6x7": (
+        lambda: (al.Neighborhood((3, 3)), None), (2, 2, 2, (6, 7), (6, 7), 8, 4)),
+    "causal+alibi-L40-S30": (
+        lambda: (al.Causal(), al.ALiBi(2)), (1, 2, 1, (40,), (30,), 8, 8)),
+    "shards(per-head)&causal-B2-Hq4-Hkv2": (
+        lambda: (al.Strided(2, mode="shard") & al.Causal(), None), (2, 4, 2, (37,), (37,), 8, 8)),
+    "block_sparse(B,Hq)": (
+        lambda: (al.BlockSparse(_random_layout(2, 4, 5, 4), (8, 10)), None),
+        (2, 4, 2, (37,), (37,), 8, 8)),
+    "document(B,L)&causal": (
+        lambda: (al.Document(torch.tensor(_DOC_IDS)) & al.Causal(), None),
+        (2, 4, 2, (37,), (37,), 8, 8)),
+    "neighborhood-3d-causal0": (
+        lambda: (al.Neighborhood((3, 3, 3), is_causal=(True, False, False)), None),
+        (1, 2, 1, (4, 5, 6), (4, 5, 6), 8, 8)),
+    "window-relbias-L300": (
+        lambda: (al.SlidingWindow(20) | al.Sinks(4), al.RelativeBias(2, init_std=0.5)),
+        (1, 2, 2, (300,), (300,), 8, 8)),
+    "window-cross-L150-S260": (
+        lambda: (al.SlidingWindow(20, 3), None), (1, 2, 1, (150,), (260,), 8, 8)),
 }
 
 
@@ -300,10 +349,6 @@ def test_flex_on_cpu_matches_reference(case, geom):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-@pytest.mark.xfail(strict=True, reason=(
-    "flex backend returns lse.float() (backends/flex.py, FlexBackend.run): float32 lse for "
-    "float64 inputs, while attention() documents float64 lse for float64 inputs"
-))
 def test_flex_float64_lse_dtype():
     why = _flex_cpu_problem()
     if why:
@@ -312,7 +357,8 @@ def test_flex_float64_lse_dtype():
     with torch.no_grad():
         out, lse = al.attention(q, k, v, al.SlidingWindow(4), return_lse=True, backend="flex",
                                 options=FLEX_OPTS)
-        ref, ref_lse = al.attention(q, k, v, al.SlidingWindow(4), return_lse=True, backend="reference")
+        ref, ref_lse = al.attention(q, k, v, al.SlidingWindow(4), return_lse=True,
+                                    backend="reference")
     assert rel_error(out, ref) <= 1e-10
     assert lse.dtype == torch.float64
     assert rel_error(lse, ref_lse) <= 1e-10

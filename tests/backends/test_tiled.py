@@ -8,8 +8,6 @@ v and of the score mod's parameters: to 1e-10 in float64 and 1e-4 (relative) in 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -96,17 +94,6 @@ def shape_id(shape) -> str:
 SHAPES = [(77,), (9, 11), (4, 5, 6)]
 
 
-def known_bad(name: str, shape: tuple[int, ...]) -> str | None:
-    """Why the catalog example cannot run on ``shape`` (a bug in src/), or None."""
-    if name == "neighborhood" and len(shape) > 1 and any(s in (4, 6) for s in shape):
-        return (
-            "registry._kernel: min(s, 7) | 1 rounds an even axis length s < 7 up to s + 1 "
-            "(5 for 4, 7 for 6), larger than the axis, so the Neighborhood example fails "
-            "validation on such 2-D/3-D shapes although the entry lists ndims (1, 2, 3)"
-        )
-    return None
-
-
 def catalog_cases():
     for m in al.catalog():
         if m.kind not in ("pattern", "score_mod"):
@@ -114,9 +101,7 @@ def catalog_cases():
         for shape in SHAPES:
             if len(shape) not in m.ndims:
                 continue
-            why = known_bad(m.name, shape)
-            marks = [pytest.mark.xfail(strict=True, raises=ValueError, reason=why)] if why else []
-            yield pytest.param(m, shape, id=f"{m.name}-L{shape_id(shape)}", marks=marks)
+            yield pytest.param(m, shape, id=f"{m.name}-L{shape_id(shape)}")
 
 
 def head_dim_for(m) -> int:
@@ -178,7 +163,8 @@ def test_catalog_cross_attention(mech, q_shape, kv_shape):
     if isinstance(score_mod, torch.nn.Module):
         score_mod = score_mod.double()
     q, k, v = make_qkv(2, 4, 2, q_shape, kv_shape, head_dim_for(mech), 5)
-    check_tiled(q, k, v, pattern, score_mod, {"q_tile": 8, "kv_tile": 4} if len(q_shape) == 1 else None)
+    opts = {"q_tile": 8, "kv_tile": 4} if len(q_shape) == 1 else None
+    check_tiled(q, k, v, pattern, score_mod, opts)
 
 
 # -- geometry: GQA / MQA, Dv != D, L != S, tile sizes ----------------------------------------
@@ -231,7 +217,8 @@ def test_geometries_float32(geom, pattern):
 
 ND_CASES = {
     "nbh3x5-dil2x1": ((9, 11), al.Neighborhood((3, 5), dilation=(2, 1))),
-    "nbh-stride-causal": ((9, 11), al.Neighborhood((5, 3), stride=(2, 1), is_causal=(True, False))),
+    "nbh-stride-causal": ((9, 11), al.Neighborhood((5, 3), stride=(2, 1),
+                                                    is_causal=(True, False))),
     "halo2x3": ((9, 11), al.Halo((2, 3), (1, 1))),
     "blocked4": ((9, 11), al.Blocked(4)),
     "causal2d": ((9, 11), al.Causal()),
@@ -241,7 +228,8 @@ ND_CASES = {
     "nbh|sinks-3d": ((4, 5, 6), al.Neighborhood((1, 3, 3)) | al.Sinks(7)),
 }
 ND_TILES = {
-    2: {"q2x3-kv3x2": ((2, 3), (3, 2)), "q4x4-kv1x5": ((4, 4), (1, 5)), "q1x1-kv2x2": ((1, 1), (2, 2))},
+    2: {"q2x3-kv3x2": ((2, 3), (3, 2)), "q4x4-kv1x5": ((4, 4), (1, 5)),
+        "q1x1-kv2x2": ((1, 1), (2, 2))},
     3: {"q2x2x3-kv1x3x2": ((2, 2, 3), (1, 3, 2)), "q4x5x6-kv1x1x1": ((4, 5, 6), (1, 1, 1))},
 }
 
@@ -289,9 +277,13 @@ COMPOSED = {
     "mask_mod+score_mod": lambda: (_mask_bh, _score_plain),
     "alibi+softcap": lambda: (al.SlidingWindow(8, 8), [al.ALiBi(4), al.Softcap(2.0)]),
     "relbias-causal": lambda: (al.Causal(), al.RelativeBias(4, bidirectional=False, init_std=0.5)),
-    "relemb-per-head": lambda: (al.Causal(), al.RelativeEmbedding(8, 5, num_heads=4, causal=False, init_std=0.5)),
-    "temperature-learned": lambda: (al.SlidingWindow(5, 5), al.Temperature(torch.tensor([0.5, 1.0, 2.0, 3.0]), learnable=True)),
-    "chain-params": lambda: (al.PrefixLM(4), [al.RelativeBias(4, init_std=0.5), al.Temperature(0.7, learnable=True)]),
+    "relemb-per-head": lambda: (
+        al.Causal(), al.RelativeEmbedding(8, 5, num_heads=4, causal=False, init_std=0.5)),
+    "temperature-learned": lambda: (
+        al.SlidingWindow(5, 5),
+        al.Temperature(torch.tensor([0.5, 1.0, 2.0, 3.0]), learnable=True)),
+    "chain-params": lambda: (
+        al.PrefixLM(4), [al.RelativeBias(4, init_std=0.5), al.Temperature(0.7, learnable=True)]),
     "prefixlm(per-batch)": lambda: (al.PrefixLM(torch.tensor([0, 9])), None),
     "block_sparse(B,Hq)": lambda: (al.BlockSparse(
         torch.rand(2, 4, 5, 4, generator=torch.Generator().manual_seed(0)) < 0.5, (8, 10)), None),
@@ -395,7 +387,8 @@ def _plan(q, k, v, pattern, options):
     return build_plan(problem.pattern, TiledBackend().tiling(problem), options["chunk_elements"])
 
 
-@pytest.mark.parametrize("pattern", [al.Full(), al.Causal(), al.SlidingWindow(20, 5) | al.Sinks(3)],
+@pytest.mark.parametrize("pattern",
+                         [al.Full(), al.Causal(), al.SlidingWindow(20, 5) | al.Sinks(3)],
                          ids=["full", "causal", "window|sinks"])
 def test_slot_groups_are_merged_exactly(pattern):
     q, k, v = make_qkv(2, 4, 2, (45,), (60,), 8, 5)
@@ -434,7 +427,8 @@ _patterns = st.recursive(
 def test_hypothesis_random_configurations(B, Hkv, group, L, S, D, Dv, q_tile, kv_tile, chunk,
                                           pattern, seed):
     q, k, v = make_qkv(B, Hkv * group, Hkv, (L,), (S,), D, Dv, seed=seed)
-    check_tiled(q, k, v, pattern, None, {"q_tile": q_tile, "kv_tile": kv_tile, "chunk_elements": chunk})
+    opts = {"q_tile": q_tile, "kv_tile": kv_tile, "chunk_elements": chunk}
+    check_tiled(q, k, v, pattern, None, opts)
 
 
 # -- gradcheck -------------------------------------------------------------------------------
@@ -455,7 +449,8 @@ def test_gradcheck_plain(pattern):
     q, k, v = _gradcheck_inputs()
 
     def f(q, k, v):
-        out, lse = al.attention(q, k, v, pattern, return_lse=True, backend="tiled", options=TINY_OPTS)
+        out, lse = al.attention(q, k, v, pattern, return_lse=True, backend="tiled",
+                                options=TINY_OPTS)
         return out, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
     assert torch.autograd.gradcheck(f, (q, k, v))
@@ -480,12 +475,6 @@ def test_gradcheck_score_mod_parameters(make_mod):
     assert torch.autograd.gradcheck(f, (q, k, v, table))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tiled backend drops gradients to tensors a score mod uses that are not among "
-    "score_mod.parameters() (a plain score_mod callable closing over a learnable tensor): "
-    "TiledAttention.forward runs the score mod without autograd, so the tensor gets no "
-    "gradient (None) silently, while the reference backend gives the right one"
-))
 def test_captured_tensor_in_score_mod_gets_gradient():
     q, k, v = _gradcheck_inputs(2)
     bias = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
@@ -561,9 +550,11 @@ def test_large_logits_float32(scale):
     opts = {"q_tile": 8, "kv_tile": 4, "chunk_elements": 64}
     outs = {}
     for backend, o in (("tiled", opts), ("reference", {"compute_dtype": torch.float64})):
-        out, lse = al.attention(q, k, v, pattern, scale=scale, return_lse=True, backend=backend, options=o)
+        out, lse = al.attention(q, k, v, pattern, scale=scale, return_lse=True,
+                                backend=backend, options=o)
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-        outs[backend] = (out, lse, torch.autograd.grad([out, lse], (q, k, v), [dout, torch.ones_like(lse)]))
+        grads = torch.autograd.grad([out, lse], (q, k, v), [dout, torch.ones_like(lse)])
+        outs[backend] = (out, lse, grads)
     a, b = outs["tiled"], outs["reference"]
     assert rel_error(a[0], b[0]) <= F32_TOL and rel_error(a[1], b[1]) <= F32_TOL
     for ga, gb in zip(a[2], b[2]):
@@ -580,8 +571,9 @@ def test_compute_dtype_option():
     assert out.dtype == torch.float32 and lse.dtype == torch.float64
     assert rel_error(out, ref.float()) <= torch.finfo(torch.float32).eps
     assert rel_error(lse, ref_lse) <= 1e-12
-    with pytest.raises(ValueError, match="compute_dtype must be torch.float32 or torch.float64"):
-        al.attention(q, k, v, al.Causal(), backend="tiled", options={"compute_dtype": torch.float16})
+    with pytest.raises(ValueError, match=r"compute_dtype.*must be torch.float32 or torch.float64"):
+        al.attention(q, k, v, al.Causal(), backend="tiled",
+                     options={"compute_dtype": torch.float16})
 
 
 def test_broadcast_kv_and_non_contiguous_upstream_gradient():
@@ -629,13 +621,6 @@ def test_score_mod_with_neg_inf_single_slot_group():
     assert not torch.isnan(got[0]).any()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tiled backend: a score mod that sets logits to -inf gives NaN. Empty rows are found "
-    "from the pattern mask only (tiled.py _empty_rows / rowops.softmax_lse_eager), so a row "
-    "whose logits in a slot group are all -inf gets softmax NaN and lse NaN; _merge_two then "
-    "propagates it (NaN * 0) even to rows that do see keys in another slot group. The "
-    "reference gives 0 / -inf for rows with no finite logit and the right values otherwise"
-))
 @pytest.mark.parametrize("pattern,opts", [
     (None, {"q_tile": 4, "kv_tile": 4, "chunk_elements": 16}),
     (al.Causal(), None),

@@ -46,7 +46,7 @@ class Problem:
             self.q.requires_grad
             or self.k.requires_grad
             or self.v.requires_grad
-            or any(p.requires_grad for p in (self.score_mod.parameters() if self.score_mod else []))
+            or bool(self.score_mod is not None and self.score_mod.differentiable_tensors())
         )
 
     def describe(self) -> str:

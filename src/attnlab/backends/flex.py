@@ -118,7 +118,7 @@ class FlexBackend(Backend):
         nq = tiling.num_q_tiles
         out = from_tiles(out.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size, -1), flat_plan)
         lse = from_tiles(lse.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size), flat_plan)
-        return out.to(problem.dtype), lse.float()
+        return out.to(problem.dtype), lse.to(torch.float64 if problem.dtype == torch.float64 else torch.float32)
 
 
 def plan_like(plan: TiledPlan, fold: bool) -> TiledPlan:

@@ -122,13 +122,30 @@ def _sdpa_has_gqa() -> bool:
 _HAS_GQA = _sdpa_has_gqa()
 
 
-def _as_tile(value, ndim: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _as_tile(value: object, ndim: int, name: str) -> tuple[int, ...]:
+    if _positive_int(value):
         return (value,) * ndim
-    value = tuple(value)
-    if len(value) != ndim or not all(isinstance(t, int) and t >= 1 for t in value):
-        raise ValueError(f"options[{name!r}] must be a positive int or {ndim} positive ints, got {value!r}")
-    return value
+    if isinstance(value, (tuple, list)) and len(value) == ndim and all(map(_positive_int, value)):
+        return tuple(value)
+    raise ValueError(f"options[{name!r}] must be a positive int or {ndim} positive ints, got {value!r}")
+
+
+def check_option_values(options: dict) -> None:
+    """Raise ValueError naming the option for values of the wrong type or range."""
+    for name in ("chunk_elements", "max_elements"):
+        if name in options and not _positive_int(options[name]):
+            raise ValueError(f"options[{name!r}] must be a positive int, got {options[name]!r}")
+    for name in ("allow_cpu", "compile"):
+        if name in options and not isinstance(options[name], bool):
+            raise ValueError(f"options[{name!r}] must be a bool, got {options[name]!r}")
+    if "compute_dtype" in options and options["compute_dtype"] not in (None, torch.float32, torch.float64):
+        raise ValueError(
+            f"options['compute_dtype'] must be torch.float32 or torch.float64, got {options['compute_dtype']!r}"
+        )
 
 
 def all_backends() -> dict[str, Backend]:
@@ -141,4 +158,4 @@ def all_backends() -> dict[str, Backend]:
     }
 
 
-__all__ = ["all_backends", "ReferenceBackend", "TiledBackend", "SDPABackend", "Backend", "Problem"]
+__all__ = ["all_backends", "check_option_values", "ReferenceBackend", "TiledBackend", "SDPABackend", "Backend", "Problem"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from ..scores.base import ScoreContext, ScoreMod
-from .rowops import probs_dscores, softmax_lse
 from .tiled_plan import Chunk, TiledPlan
 
 
@@ -140,79 +139,106 @@ def _select_rows(x: torch.Tensor, ci: ChunkIndex) -> torch.Tensor:
     return x[ci.bsel, ci.hsel, ci.qsel]
 
 
-def _scores(plan, ci, Qc, Kc, scale, score_mod, track=False):
-    """Logits ``(B', H', n, M, span)`` with the score mod applied (not masked).
+def _bmm_into(init, a: torch.Tensor, b_t: torch.Tensor, alpha: float, plan: TiledPlan) -> torch.Tensor:
+    """``init + alpha * a @ b_t`` for batched ``(..., M, K) @ (..., K, N)``, one GEMM.
 
-    With ``track`` the score mod runs under autograd and the pre-mod logits are returned
-    as a leaf (for the score mod's backward)."""
-    Bp, Hp, n, M, D = Qc.shape
-    span = Kc.shape[-2]
-    S = torch.baddbmm(
-        Qc.new_empty(()).expand(Bp * Hp * n, M, span),
-        Qc.reshape(-1, M, D),
-        Kc.reshape(-1, span, D).transpose(1, 2),
-        beta=0,
-        alpha=scale,
-    ).view(Bp, Hp, n, M, span)
-    raw = S
-    if score_mod is not None:
-        ctx = ci.score_context(plan, Qc if score_mod.needs_query else None)
-        if track:
-            raw = S.requires_grad_()
-            with torch.enable_grad():
-                S = score_mod.modify(raw, ctx)
-        else:
-            S = score_mod.modify(S, ctx)
-    return S, raw
+    ``init`` broadcasts against the result viewed as ``(..., G', Tq, N)`` (see
+    :func:`_grouped`), or is None for zeros. It is materialised into the output first;
+    adding it inside the GEMM (beta=1) costs no extra pass over the result."""
+    *lead, M, K = a.shape
+    N = b_t.shape[-1]
+    a3, b3 = a.reshape(-1, M, K), b_t.reshape(-1, K, N)
+    if init is None:
+        out = torch.baddbmm(a3.new_empty(()).expand(a3.shape[0], M, N), a3, b3, beta=0, alpha=alpha)
+    else:
+        Tq = plan.tiling.q_tile_size
+        out = torch.empty(*lead, M // Tq, Tq, N, dtype=a.dtype, device=a.device)
+        out.copy_(init.expand_as(out))
+        out = out.view(-1, M, N).baddbmm_(a3, b3, beta=1, alpha=alpha)
+    return out.view(*lead, M, N)
 
 
 def _grouped(x: torch.Tensor, plan: TiledPlan) -> torch.Tensor:
-    """View ``(..., M, span)`` as ``(..., G', Tq, span)`` so per-tile masks broadcast."""
+    """View ``(..., M, span)`` as ``(..., G', Tq, span)`` so per-tile biases broadcast."""
     Tq = plan.tiling.q_tile_size
     return x.view(*x.shape[:-2], x.shape[-2] // Tq, Tq, x.shape[-1])
 
 
-def _empty_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``(1, 1, n, 1, Tq)`` rows with no visible key in this slot group, or None if none."""
-    if mask is None:
-        return None
-    empty = ~mask.any(-1)
-    return empty if bool(empty.any()) else None
+def _ungrouped(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
 
 
-def plan_work(plan: TiledPlan) -> list[tuple[ChunkIndex, torch.Tensor | None, torch.Tensor | None, bool]]:
-    """Per chunk and slot group: its indices, mask ``(1, 1, n, 1, Tq, span)``, empty rows
-    and whether it starts a new set of rows. Built once in forward, reused in backward
-    (memory O(L * span) bytes)."""
+def _row_bias(bias: torch.Tensor | None, row: torch.Tensor, plan: TiledPlan) -> torch.Tensor:
+    """``bias (1,1,n,1,Tq,span) + row (B',H',n,M)`` in grouped form ``(B',H',n,G',Tq,*)``."""
+    r = _grouped(row[..., None], plan)
+    return r if bias is None else bias + r
+
+
+def _score_mod(plan, ci, S, Qc, score_mod, track):
+    """Apply the score mod; with ``track`` under autograd from a leaf (for its backward)."""
+    ctx = ci.score_context(plan, Qc if score_mod.needs_query else None)
+    if not track:
+        return score_mod.modify(S, ctx), S
+    raw = S.requires_grad_()
+    with torch.enable_grad():
+        return score_mod.modify(raw, ctx), raw
+
+
+def _softmax_lse(S: torch.Tensor):
+    """Softmax over the last axis and its log-sum-exp. Rows with no finite logit (hidden by
+    the pattern, or set to -inf by a score mod) give probabilities 0 and lse -inf."""
+    m = S.amax(-1)
+    P = torch.softmax(S, -1)
+    lse = m - torch.log(P.amax(-1))
+    empty = m == float("-inf")
+    if bool(empty.any()):
+        P.masked_fill_(empty[..., None], 0.0)
+        lse.masked_fill_(empty, float("-inf"))
+    return P, lse
+
+
+def plan_work(plan: TiledPlan, dtype: torch.dtype) -> list[tuple[ChunkIndex, torch.Tensor | None, bool]]:
+    """Per chunk and slot group: its indices, additive mask bias ``(1, 1, n, 1, Tq, span)``
+    (0 visible, -inf hidden; None when all visible) and whether it starts a new set of
+    rows. Built once in forward and reused in backward (memory O(L * span))."""
     work = []
     for chunk in plan.chunks:
         for lo in range(0, chunk.num_slots, chunk.group):
             ci = ChunkIndex(plan, chunk, lo, min(chunk.num_slots, lo + chunk.group))
-            mask = ci.mask(plan).unsqueeze(3) if chunk.needs_mask else None
-            work.append((ci, mask, _empty_rows(mask), lo == 0))
+            bias = None
+            if chunk.needs_mask:
+                mask = ci.mask(plan).unsqueeze(3)
+                bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+                bias.masked_fill_(~mask, float("-inf"))
+            work.append((ci, bias, lo == 0))
     return work
 
 
-def tiled_forward(q_t, k_flat, v_flat, plan: TiledPlan, scale: float, score_mod, work, fused):
+def tiled_forward(q_t, k_flat, v_flat, plan: TiledPlan, scale: float, score_mod, work):
     """Output ``(B, Hx, nQt, M, Dv)`` and lse ``(B, Hx, nQt, M)`` in tile layout."""
     B, Hx, nQt, M, _ = q_t.shape
     Dv = v_flat.shape[-1]
     out = q_t.new_zeros(B, Hx, nQt, M, Dv)
     lse = q_t.new_full((B, Hx, nQt, M), float("-inf"))
     acc_o = acc_l = None
-    for i, (ci, mask, empty, first) in enumerate(work):
+    for i, (ci, bias, first) in enumerate(work):
         Qc = _select_rows(q_t, ci)
         Kc = _gather(k_flat, ci.gather)
         Vc = _gather(v_flat, ci.gather)
-        S, _ = _scores(plan, ci, Qc, Kc, scale, score_mod)
-        P, lse_c = softmax_lse(_grouped(S, plan), mask, empty, fused)
-        Oc = torch.matmul(P.view(S.shape), Vc)
-        lse_c = lse_c.reshape(S.shape[:-1])
+        Kt = Kc.transpose(-1, -2)
+        if score_mod is None:
+            S = _bmm_into(bias, Qc, Kt, scale, plan)
+        else:
+            S, _ = _score_mod(plan, ci, _bmm_into(None, Qc, Kt, scale, plan), Qc, score_mod, False)
+            if bias is not None:
+                S = _ungrouped(_grouped(S, plan) + bias)
+        P, lse_c = _softmax_lse(S)
+        Oc = torch.matmul(P, Vc)
         if first:
             acc_o, acc_l = Oc, lse_c
         else:
             acc_o, acc_l = _merge_two(acc_o, acc_l, Oc, lse_c)
-        if i + 1 == len(work) or work[i + 1][3]:
+        if i + 1 == len(work) or work[i + 1][2]:
             out[ci.bsel, ci.hsel, ci.qsel] = acc_o
             lse[ci.bsel, ci.hsel, ci.qsel] = acc_l
     return out, lse
@@ -229,33 +255,37 @@ def _merge_two(o1, l1, o2, l2):
     return o, lse
 
 
-def tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, scale, score_mod, params, work, fused):
-    """Gradients in tile/flat layout, and of the score mod's parameters."""
+def tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, scale, score_mod, params, work):
+    """Gradients in tile/flat layout, and of the score mod's parameters.
+
+    Per chunk: ``P = exp(S + bias - lse)`` and ``dS = P * (dO V^T - delta)`` with
+    ``delta = rowsum(dO * O) - dlse``; ``-lse`` and ``-delta`` ride in the GEMMs."""
     delta = (dout_t * out_t).sum(-1)
     if dlse_t is not None:
         delta = delta - dlse_t
-    lse_safe = torch.where(torch.isfinite(lse_t), lse_t, torch.full_like(lse_t, float("inf")))
+    neg_lse = torch.where(torch.isfinite(lse_t), -lse_t, torch.full_like(lse_t, float("-inf")))
+    neg_delta = -delta
     dq_t = torch.zeros_like(q_t)
     dk_flat = torch.zeros_like(k_flat)
     dv_flat = torch.zeros_like(v_flat)
     dparams = [torch.zeros_like(p) for p in params]
     needs_query = score_mod is not None and score_mod.needs_query
-    for ci, mask, _, _ in work:
+    for ci, bias, _ in work:
         Qc = _select_rows(q_t, ci)
         Kc = _gather(k_flat, ci.gather)
         Vc = _gather(v_flat, ci.gather)
         dOc = _select_rows(dout_t, ci)
-        Lc = _select_rows(lse_safe, ci)
-        Dc = _select_rows(delta, ci)
-        Qg = Qc.detach().requires_grad_() if needs_query else Qc
-        S, raw = _scores(plan, ci, Qg, Kc, scale, score_mod, track=score_mod is not None)
-        dP = torch.matmul(dOc, Vc.transpose(-1, -2))
-        P, dS = probs_dscores(
-            _grouped(S.detach(), plan), mask, _grouped(Lc[..., None], plan)[..., 0],
-            _grouped(dP, plan), _grouped(Dc[..., None], plan)[..., 0], fused,
-            inplace=score_mod is None,
-        )
-        P, dS = P.view(S.shape), dS.view(S.shape)
+        row_shift = _row_bias(bias, _select_rows(neg_lse, ci), plan)
+        Kt = Kc.transpose(-1, -2)
+        if score_mod is None:
+            P = _bmm_into(row_shift, Qc, Kt, scale, plan).exp_()
+        else:
+            Qg = Qc.detach().requires_grad_() if needs_query else Qc
+            S, raw = _score_mod(plan, ci, _bmm_into(None, Qc, Kt, scale, plan), Qg, score_mod, True)
+            P = _ungrouped(_grouped(S.detach(), plan) + row_shift).exp_()
+        dS = _bmm_into(
+            _grouped(_select_rows(neg_delta, ci)[..., None], plan), dOc, Vc.transpose(-1, -2), 1.0, plan
+        ).mul_(P)
         if score_mod is not None:
             inputs = [raw] + ([Qg] if needs_query else []) + list(params)
             grads = torch.autograd.grad(S, inputs, dS, allow_unused=True)
@@ -279,13 +309,12 @@ class TiledAttention(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out and lse; recomputes logits in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, score_mod, cdt, fused, *params):
+    def forward(ctx, q, k, v, plan, scale, score_mod, cdt, *params):
         q_t = to_tiles(q.to(cdt), plan)
         k_flat = flat_kv(k.to(cdt))
         v_flat = flat_kv(v.to(cdt))
-        work = plan_work(plan)
-        out_t, lse_t = tiled_forward(q_t, k_flat, v_flat, plan, scale, score_mod, work, fused)
-        ctx.fused = fused
+        work = plan_work(plan, cdt)
+        out_t, lse_t = tiled_forward(q_t, k_flat, v_flat, plan, scale, score_mod, work)
         ctx.work = work
         ctx.save_for_backward(q_t, k_flat, v_flat, out_t, lse_t, *params)
         ctx.plan, ctx.scale, ctx.score_mod = plan, scale, score_mod
@@ -303,22 +332,19 @@ class TiledAttention(torch.autograd.Function):
         dout_t = to_tiles(dout.to(cdt), plan)
         dlse_t = to_tiles(dlse[..., None].to(cdt), plan)[..., 0] if dlse is not None else None
         dq_t, dk_flat, dv_flat, dparams = tiled_backward(
-            q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, ctx.scale, ctx.score_mod, params, ctx.work, ctx.fused
+            q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, ctx.scale, ctx.score_mod, params, ctx.work
         )
         qd, kd, vd = ctx.in_dtypes
         dq = from_tiles(dq_t, plan).to(qd)
         dk = dk_flat.reshape(ctx.kv_shapes[0]).to(kd)
         dv = dv_flat.reshape(ctx.kv_shapes[1]).to(vd)
-        return (dq, dk, dv, None, None, None, None, None, *dparams)
+        return (dq, dk, dv, None, None, None, None, *dparams)
 
 
-def tiled_attention(q, k, v, plan: TiledPlan, scale: float, score_mod: ScoreMod | None, compute_dtype, fused: bool = False):
-    """Run the tiled backend; returns ``(out, lse)`` in the public layout.
-
-    ``fused`` compiles the row work (softmax, lse, probability recomputation) with
-    ``torch.compile``; see :mod:`attnlab.backends.rowops`."""
-    params = [p for p in score_mod.parameters()] if score_mod is not None else []
-    return TiledAttention.apply(q, k, v, plan, scale, score_mod, compute_dtype, fused, *params)
+def tiled_attention(q, k, v, plan: TiledPlan, scale: float, score_mod: ScoreMod | None, compute_dtype):
+    """Run the tiled backend; returns ``(out, lse)`` in the public layout."""
+    params = score_mod.differentiable_tensors() if score_mod is not None else []
+    return TiledAttention.apply(q, k, v, plan, scale, score_mod, compute_dtype, *params)
 
 
 __all__ = ["tiled_attention", "TiledAttention", "to_tiles", "from_tiles"]

@@ -16,6 +16,7 @@ signature when they do not need the query.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -47,6 +48,10 @@ class ScoreMod(nn.Module):
 
     def validate(self, geometry: Geometry) -> None:
         """Raise ``ValueError`` if the score mod cannot apply to ``geometry``."""
+
+    def differentiable_tensors(self) -> list[torch.Tensor]:
+        """Tensors whose gradients backends must compute: the parameters, by default."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, score, b=None, h=None, q_idx=None, kv_idx=None, *, ctx=None, geometry=None):
         """``modify(score, ctx)``, or the FlexAttention signature ``(score, b, h, q_idx, kv_idx)``."""
@@ -83,6 +88,28 @@ class CallableScoreMod(ScoreMod):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "score_mod")
 
+    def differentiable_tensors(self) -> list[torch.Tensor]:
+        """Tensors that need gradients and that the callable reaches through its closure or
+        globals (directly, or as parameters of a referenced ``nn.Module``), so that backends
+        which run the score mod outside autograd can still return their gradients."""
+        found: dict[int, torch.Tensor] = {}
+        try:
+            refs = inspect.getclosurevars(self.fn)
+            values = list(refs.nonlocals.values()) + list(refs.globals.values())
+        except (TypeError, ValueError):  # builtins, functools.partial, callable objects
+            values = list(getattr(self.fn, "__dict__", {}).values())
+            values += list(getattr(self.fn, "args", ())) + list(getattr(self.fn, "keywords", {}).values())
+            if isinstance(self.fn, nn.Module):
+                values.append(self.fn)
+        for v in values:
+            if isinstance(v, nn.Module):
+                for p in v.parameters():
+                    if p.requires_grad:
+                        found[id(p)] = p
+            elif isinstance(v, torch.Tensor) and v.requires_grad:
+                found[id(v)] = v
+        return list(found.values())
+
     def modify(self, score, ctx):
         out = self.fn(score, ctx.b, ctx.h, ctx.q_idx, ctx.kv_idx)
         if not isinstance(out, torch.Tensor):
@@ -113,6 +140,13 @@ class ScoreModChain(ScoreMod):
         for m in self.mods:
             m.validate(geometry)
 
+    def differentiable_tensors(self) -> list[torch.Tensor]:
+        found: dict[int, torch.Tensor] = {}
+        for m in self.mods:
+            for t in m.differentiable_tensors():
+                found[id(t)] = t
+        return list(found.values())
+
 
 def as_score_mod(score_mod: object, name: str = "score_mod") -> ScoreMod | None:
     """Turn ``None``, a :class:`ScoreMod`, a callable or a sequence of them into a ScoreMod."""
@@ -128,8 +162,3 @@ def as_score_mod(score_mod: object, name: str = "score_mod") -> ScoreMod | None:
     )
 
 
-def score_mod_params(score_mod: ScoreMod | None) -> list[torch.Tensor]:
-    """The tensors of a score mod that may need gradients (its parameters)."""
-    if score_mod is None:
-        return []
-    return [p for p in score_mod.parameters()]
