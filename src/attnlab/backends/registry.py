@@ -7,8 +7,8 @@ import torch
 from ..patterns.base import Causal, Full
 from .base import Backend, Problem
 from .reference import DEFAULT_MAX_ELEMENTS, compute_dtype_for, reference_attention
-from .tiled import tiled_attention
-from .tiled_plan import DEFAULT_CHUNK_ELEMENTS, build_plan, default_tiles, tile_count_guard
+from .tiled import plan_work, tiled_attention
+from .tiled_plan import DEFAULT_CHUNK_ELEMENTS, cached_plan, default_tiles, tile_count_guard
 from ..patterns.layout import Tiling
 
 
@@ -64,12 +64,11 @@ class TiledBackend(Backend):
     def run(self, problem: Problem):
         tiling = self.tiling(problem)
         tile_count_guard(tiling)
-        plan = build_plan(
-            problem.pattern, tiling, problem.options.get("chunk_elements", DEFAULT_CHUNK_ELEMENTS)
-        )
         cdt = compute_dtype_for(problem.dtype, problem.options.get("compute_dtype"))
+        chunk = problem.options.get("chunk_elements", DEFAULT_CHUNK_ELEMENTS)
+        plan, work = cached_plan(problem.pattern, tiling, chunk, cdt, plan_work)
         return tiled_attention(
-            problem.q, problem.k, problem.v, plan, problem.scale, problem.score_mod, cdt
+            problem.q, problem.k, problem.v, plan, problem.scale, problem.score_mod, cdt, work
         )
 
 

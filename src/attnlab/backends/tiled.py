@@ -309,11 +309,10 @@ class TiledAttention(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out and lse; recomputes logits in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, score_mod, cdt, *params):
+    def forward(ctx, q, k, v, plan, work, scale, score_mod, cdt, *params):
         q_t = to_tiles(q.to(cdt), plan)
         k_flat = flat_kv(k.to(cdt))
         v_flat = flat_kv(v.to(cdt))
-        work = plan_work(plan, cdt)
         out_t, lse_t = tiled_forward(q_t, k_flat, v_flat, plan, scale, score_mod, work)
         ctx.work = work
         ctx.save_for_backward(q_t, k_flat, v_flat, out_t, lse_t, *params)
@@ -338,13 +337,18 @@ class TiledAttention(torch.autograd.Function):
         dq = from_tiles(dq_t, plan).to(qd)
         dk = dk_flat.reshape(ctx.kv_shapes[0]).to(kd)
         dv = dv_flat.reshape(ctx.kv_shapes[1]).to(vd)
-        return (dq, dk, dv, None, None, None, None, *dparams)
+        return (dq, dk, dv, None, None, None, None, None, *dparams)
 
 
-def tiled_attention(q, k, v, plan: TiledPlan, scale: float, score_mod: ScoreMod | None, compute_dtype):
-    """Run the tiled backend; returns ``(out, lse)`` in the public layout."""
+def tiled_attention(
+    q, k, v, plan: TiledPlan, scale: float, score_mod: ScoreMod | None, compute_dtype, work=None
+):
+    """Run the tiled backend; returns ``(out, lse)`` in the public layout. ``work`` is the
+    plan's :func:`plan_work` (built here when not given)."""
+    if work is None:
+        work = plan_work(plan, compute_dtype)
     params = score_mod.differentiable_tensors() if score_mod is not None else []
-    return TiledAttention.apply(q, k, v, plan, scale, score_mod, compute_dtype, *params)
+    return TiledAttention.apply(q, k, v, plan, work, scale, score_mod, compute_dtype, *params)
 
 
 __all__ = ["tiled_attention", "TiledAttention", "to_tiles", "from_tiles"]

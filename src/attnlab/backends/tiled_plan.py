@@ -8,6 +8,8 @@ document-masked problem computes almost no padding.
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +18,8 @@ from ..geometry import Geometry
 from ..patterns.base import Pattern
 from ..patterns.layout import BlockLayout, Tiling
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 21
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
+DEFAULT_MAX_TILE_PAIRS = 1 << 22
 
 
 @dataclass
@@ -139,8 +142,39 @@ def build_plan(
     )
 
 
+_PLAN_CACHE: "OrderedDict[tuple, tuple[TiledPlan, list]]" = OrderedDict()
+PLAN_CACHE_SIZE = 8
+
+
+def cached_plan(pattern: Pattern, tiling: Tiling, chunk_elements: int, dtype: torch.dtype, make_work):
+    """``(plan, work)`` for this pattern and tiling, reused across calls when the pattern
+    has a :meth:`~attnlab.Pattern.cache_key` (least-recently-used, ``PLAN_CACHE_SIZE``
+    entries): a model whose layers share shapes and pattern builds its masks once."""
+    key = pattern.cache_key()
+    if key is not None:
+        key = (key, tiling.geometry, tiling.q_tile, tiling.kv_tile, chunk_elements, dtype)
+        hit = _PLAN_CACHE.get(key)
+        if hit is not None:
+            _PLAN_CACHE.move_to_end(key)
+            return hit
+    plan = build_plan(pattern, tiling, chunk_elements)
+    entry = (plan, make_work(plan, dtype))
+    if key is not None:
+        _PLAN_CACHE[key] = entry
+        while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    return entry
+
+
+def clear_plan_cache() -> None:
+    """Drop every cached plan (and the masks it holds)."""
+    _PLAN_CACHE.clear()
+
+
 def default_tiles(pattern: Pattern, geometry: Geometry) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The pattern's preferred tiles, or: 64 query tokens per tile and short key tiles."""
+    """The pattern's preferred tiles, or: 64 query tokens per tile, as a box in N-d, and
+    short key tiles (16 tokens in 1-D; in N-d one row segment, as short as the tile-pair
+    grid allows, so a neighbourhood gathers few keys it does not need)."""
     pref = pattern.preferred_tile(geometry)
     if pref is not None:
         return tuple(pref[0]), tuple(pref[1])
@@ -148,9 +182,12 @@ def default_tiles(pattern: Pattern, geometry: Geometry) -> tuple[tuple[int, ...]
     if nd == 1:
         return (64,), (16,)
     side = max(1, round(64 ** (1.0 / nd)))
-    q_tile = tuple([side] * nd)
-    kv_tile = tuple([1] * (nd - 1) + [2])
-    return q_tile, kv_tile
+    q_tile = tuple(min(side, s) for s in geometry.q_shape)
+    n_q_tiles = math.prod(-(-s // t) for s, t in zip(geometry.q_shape, q_tile))
+    last = 1
+    while last < 16 and n_q_tiles * geometry.kv_len // last > DEFAULT_MAX_TILE_PAIRS:
+        last *= 2
+    return q_tile, tuple([1] * (nd - 1) + [last])
 
 
 def tile_count_guard(tiling: Tiling, limit: int = 1 << 26) -> None:
@@ -163,4 +200,4 @@ def tile_count_guard(tiling: Tiling, limit: int = 1 << 26) -> None:
         )
 
 
-__all__ = ["TiledPlan", "Chunk", "build_plan", "default_tiles", "tile_count_guard"]
+__all__ = ["TiledPlan", "Chunk", "build_plan", "cached_plan", "clear_plan_cache", "default_tiles", "tile_count_guard"]

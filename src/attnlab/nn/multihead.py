@@ -22,15 +22,9 @@ from ..api import attention, attention_weights
 from ..geometry import Geometry
 from ..patterns.base import Causal, MaskMod, Pattern, as_pattern
 from ..scores.base import ScoreContext, ScoreMod, as_score_mod
+from .._checks import check_int
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
-    """``value`` if it is an ``int >= minimum``, else ``TypeError``/``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r}, expected an int >= {minimum}")
-    if value < minimum:
-        raise ValueError(f"{name}={value!r}, expected an int >= {minimum}")
-    return value
 
 
 def check_bool(name: str, value: object) -> bool:

@@ -68,6 +68,20 @@ class Pattern:
         """Conservative: True unless the pattern guarantees every query sees a key."""
         return True
 
+    def cache_key(self) -> tuple | None:
+        """A hashable key equal for patterns that behave identically, or None.
+
+        The default uses the class and the instance attributes when they are all plain
+        values (numbers, strings, tuples, other patterns with keys); a pattern holding
+        tensors or callables has no key, and backends then do not cache its plans."""
+        items = []
+        for name, value in sorted(vars(self).items()):
+            key = _plain_key(value)
+            if key is _NO_KEY:
+                return None
+            items.append((name, key))
+        return (type(self), tuple(items))
+
     def as_mask_mod(self, geometry: Geometry) -> MaskModFn:
         """A FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx)`` with ``geometry`` bound."""
 
@@ -91,6 +105,21 @@ class Pattern:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+_NO_KEY = object()
+
+
+def _plain_key(value: object) -> object:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        keys = tuple(_plain_key(v) for v in value)
+        return _NO_KEY if any(k is _NO_KEY for k in keys) else keys
+    if isinstance(value, Pattern):
+        key = value.cache_key()
+        return _NO_KEY if key is None else key
+    return _NO_KEY
 
 
 class Full(Pattern):

@@ -12,7 +12,7 @@ import torch
 from ..geometry import Geometry
 from .base import Pattern
 from .layout import BlockLayout, Tiling
-from .sliding_window import check_int
+from .._checks import check_int
 
 
 class Sinks(Pattern):

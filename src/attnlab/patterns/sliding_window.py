@@ -12,16 +12,9 @@ import torch
 from ..geometry import Geometry
 from .base import Pattern
 from .layout import BlockLayout, Tiling
+from .._checks import check_int
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an ``int >= minimum``; raise ``TypeError``/``ValueError``
-    naming ``name`` otherwise (``bool`` is rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
-    return value
 
 
 def first_multiple_at_least(lo: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:

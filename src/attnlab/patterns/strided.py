@@ -12,7 +12,8 @@ import torch
 from ..geometry import Geometry
 from .base import Pattern
 from .layout import BlockLayout, Tiling
-from .sliding_window import check_int, first_multiple_at_least
+from .._checks import check_int
+from .sliding_window import first_multiple_at_least
 
 _MODES = ("relative", "shard")
 

@@ -31,14 +31,9 @@ from torch import nn
 
 from ..geometry import Geometry
 from .base import ScoreContext, ScoreMod
+from .._checks import check_int as _check_int
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value}")
-    return value
 
 
 def _check_float(name: str, value: object, positive: bool) -> float:
