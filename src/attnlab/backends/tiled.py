@@ -197,10 +197,11 @@ def _softmax_lse(S: torch.Tensor):
     return P, lse
 
 
-def plan_work(plan: TiledPlan, dtype: torch.dtype) -> list[tuple[ChunkIndex, torch.Tensor | None, bool]]:
+def plan_work(plan: TiledPlan, dtype: torch.dtype) -> list[tuple[ChunkIndex, torch.Tensor | None, bool, bool]]:
     """Per chunk and slot group: its indices, additive mask bias ``(1, 1, n, 1, Tq, span)``
-    (0 visible, -inf hidden; None when all visible) and whether it starts a new set of
-    rows. Built once in forward and reused in backward (memory O(L * span))."""
+    (0 visible, -inf hidden; None when all visible), whether it starts a new set of rows
+    and whether it holds whole rows (a single slot group). Built once in forward and
+    reused in backward (memory O(L * span))."""
     work = []
     for chunk in plan.chunks:
         for lo in range(0, chunk.num_slots, chunk.group):
@@ -210,7 +211,7 @@ def plan_work(plan: TiledPlan, dtype: torch.dtype) -> list[tuple[ChunkIndex, tor
                 mask = ci.mask(plan).unsqueeze(3)
                 bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
                 bias.masked_fill_(~mask, float("-inf"))
-            work.append((ci, bias, lo == 0))
+            work.append((ci, bias, lo == 0, chunk.group >= chunk.num_slots))
     return work
 
 
@@ -221,7 +222,7 @@ def tiled_forward(q_t, k_flat, v_flat, plan: TiledPlan, scale: float, score_mod,
     out = q_t.new_zeros(B, Hx, nQt, M, Dv)
     lse = q_t.new_full((B, Hx, nQt, M), float("-inf"))
     acc_o = acc_l = None
-    for i, (ci, bias, first) in enumerate(work):
+    for i, (ci, bias, first, _) in enumerate(work):
         Qc = _select_rows(q_t, ci)
         Kc = _gather(k_flat, ci.gather)
         Vc = _gather(v_flat, ci.gather)
@@ -270,19 +271,22 @@ def tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, scal
     dv_flat = torch.zeros_like(v_flat)
     dparams = [torch.zeros_like(p) for p in params]
     needs_query = score_mod is not None and score_mod.needs_query
-    for ci, bias, _ in work:
+    for ci, bias, _, whole_rows in work:
         Qc = _select_rows(q_t, ci)
         Kc = _gather(k_flat, ci.gather)
         Vc = _gather(v_flat, ci.gather)
         dOc = _select_rows(dout_t, ci)
-        row_shift = _row_bias(bias, _select_rows(neg_lse, ci), plan)
         Kt = Kc.transpose(-1, -2)
+        # P = exp(S + bias - lse); for whole rows the fused softmax recomputes it faster
+        # (exp of -inf and of underflowing logits is slow in the elementwise kernel).
+        shift = bias if whole_rows else _row_bias(bias, _select_rows(neg_lse, ci), plan)
         if score_mod is None:
-            P = _bmm_into(row_shift, Qc, Kt, scale, plan).exp_()
+            S_full = _bmm_into(shift, Qc, Kt, scale, plan)
         else:
             Qg = Qc.detach().requires_grad_() if needs_query else Qc
             S, raw = _score_mod(plan, ci, _bmm_into(None, Qc, Kt, scale, plan), Qg, score_mod, True)
-            P = _ungrouped(_grouped(S.detach(), plan) + row_shift).exp_()
+            S_full = S.detach() if shift is None else _ungrouped(_grouped(S.detach(), plan) + shift)
+        P = _softmax_lse(S_full)[0] if whole_rows else S_full.exp_()
         dS = _bmm_into(
             _grouped(_select_rows(neg_delta, ci)[..., None], plan), dOc, Vc.transpose(-1, -2), 1.0, plan
         ).mul_(P)
