@@ -65,9 +65,20 @@ def forward_only(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Call
 
 
 def peak_rss_gib() -> float:
-    """Peak resident set size of this process so far, in GiB (Linux/macOS)."""
+    """Peak resident set size of this process so far, in GiB.
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``: ``getrusage``'s ``ru_maxrss``
+    survives ``execve``, so a child started from a large parent would report the parent's
+    size at fork time."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1 << 30) if sys.platform == "darwin" else kb / (1 << 20)
