@@ -120,7 +120,7 @@ def neighbor_set(pattern: Pattern, geometry: Geometry, query: tuple[int, ...] | 
 def density(pattern: Pattern, geometry: Geometry) -> float:
     """Fraction of visible (query, key) pairs (small problems only)."""
     m = dense_mask(pattern, geometry)
-    return m.float().mean().item()
+    return m.sum().item() / m.numel()
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

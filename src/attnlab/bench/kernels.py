@@ -41,10 +41,12 @@ class Figure:
     def passed(self) -> bool | None:
         return None if self.ratio is None else self.ratio <= self.target
 
-    def row(self) -> str:
+    def row(self, verdict: bool = True) -> str:
         r = "n/a" if self.ratio is None else f"{self.ratio:.3f}"
-        verdict = {None: "-", True: "ok", False: "MISS"}[self.passed]
-        return f"{self.name:<44} {self.measure:<34} {r:>8}  <= {self.target:<6} {verdict:<4} {self.note}"
+        if not verdict:
+            return f"{self.name:<44} {self.measure:<34} {r:>8}  {self.note}"
+        mark = {None: "-", True: "ok", False: "MISS"}[self.passed]
+        return f"{self.name:<44} {self.measure:<34} {r:>8}  <= {self.target:<6} {mark:<4} {self.note}"
 
 
 def _qkv(shape: tuple[int, ...], grad: bool, heads: int = 8, dim: int = 64, device="cpu"):
@@ -245,9 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     figs = run("quick" if a.quick else "full", a.repeats, a.device, lambda m: print(f"... {m}", flush=True))
     env = environment()
     print(f"\nattnlab {env['attnlab']}, torch {env['torch']}, {env['threads']} threads, device {a.device}")
-    print(f"{'problem':<44} {'ratio (attnlab / baseline)':<34} {'value':>8}  target")
+    full = not a.quick
+    print(f"{'problem':<44} {'ratio (attnlab / baseline)':<34} {'value':>8}  {'target' if full else 'note'}")
     for f in figs:
-        print(f.row())
+        print(f.row(verdict=full))
+    if not full:
+        print("\nQuick sizes, for a first look; the targets apply to the full sizes: attnlab bench --full")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"environment": env, "figures": [asdict(f) | {"passed": f.passed} for f in figs]}, fh, indent=1)
