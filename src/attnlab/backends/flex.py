@@ -15,7 +15,6 @@ import torch
 
 from ..patterns.layout import Tiling
 from .base import Backend, Problem
-from .tiled_plan import TiledPlan, build_plan
 from .tiled import from_tiles, to_tiles
 
 FLEX_BLOCK = 128
@@ -87,7 +86,6 @@ class FlexBackend(Backend):
         tile = flex_tile(g.ndim, g.q_shape)
         kv_tile = flex_tile(g.ndim, g.kv_shape)
         tiling = Tiling(g, tile, kv_tile)
-        plan = build_plan(problem.pattern, tiling)
         q_index = tiling.q_token_index.reshape(-1)
         kv_index = tiling.kv_token_index.reshape(-1)
         pattern, geom = problem.pattern, g
@@ -105,8 +103,7 @@ class FlexBackend(Backend):
                 return inner(score, b, h, q_index[q_idx].clamp(min=0), kv_index[kv_idx].clamp(min=0))
 
         block_mask = _block_mask(BlockMask, problem.pattern, tiling, mask_mod)
-        flat_plan = plan_like(plan, fold=False)
-        q = _tile_order(problem.q, flat_plan)
+        q = to_tiles(problem.q, tiling, fold_heads=False).flatten(2, 3)
         k = _kv_tile_order(problem.k, tiling)
         v = _kv_tile_order(problem.v, tiling)
         fn = _flex_fn(problem.options.get("compile", True))
@@ -116,21 +113,9 @@ class FlexBackend(Backend):
             return_lse=True, **kwargs,
         )
         nq = tiling.num_q_tiles
-        out = from_tiles(out.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size, -1), flat_plan)
-        lse = from_tiles(lse.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size), flat_plan)
+        out = from_tiles(out.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size, -1), tiling, False)
+        lse = from_tiles(lse.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size), tiling, False)
         return out.to(problem.dtype), lse.to(torch.float64 if problem.dtype == torch.float64 else torch.float32)
-
-
-def plan_like(plan: TiledPlan, fold: bool) -> TiledPlan:
-    """The same plan with head folding switched (only the layout helpers read it)."""
-    import dataclasses
-
-    return dataclasses.replace(plan, fold_heads=fold)
-
-
-def _tile_order(x: torch.Tensor, plan: TiledPlan) -> torch.Tensor:
-    t = to_tiles(x, plan)  # (B, H, nQt, Tq, E)
-    return t.reshape(t.shape[0], t.shape[1], -1, t.shape[-1])
 
 
 def _kv_tile_order(x: torch.Tensor, tiling: Tiling) -> torch.Tensor:

@@ -19,13 +19,15 @@ from __future__ import annotations
 import torch
 
 from ..scores.base import ScoreContext, ScoreMod
+from ..patterns.layout import Tiling
 from .tiled_plan import Chunk, TiledPlan
 
 
 # -- layout changes -------------------------------------------------------------------------
-def to_tiles(x: torch.Tensor, plan: TiledPlan) -> torch.Tensor:
-    """``(B, Hq, *L, E)`` -> ``(B, Hx, nQt, M, E)`` (zero padded, GQA group folded if shared)."""
-    g, t = plan.geometry, plan.tiling
+def to_tiles(x: torch.Tensor, t: Tiling, fold_heads: bool) -> torch.Tensor:
+    """``(B, Hq, *L, E)`` -> ``(B, Hx, nQt, M, E)``: query tiles, zero padded, with the GQA
+    group folded into the rows (``Hx = Hkv``) when ``fold_heads``."""
+    g = t.geometry
     nd = g.ndim
     B, H, E = x.shape[0], x.shape[1], x.shape[-1]
     pad = []
@@ -39,22 +41,22 @@ def to_tiles(x: torch.Tensor, plan: TiledPlan) -> torch.Tensor:
     x = x.reshape(*split, E)
     perm = [0, 1] + [2 + 2 * i for i in range(nd)] + [3 + 2 * i for i in range(nd)] + [2 + 2 * nd]
     x = x.permute(perm).reshape(B, H, t.num_q_tiles, t.q_tile_size, E)
-    if plan.fold_heads:
+    if fold_heads:
         G = g.group_size
         x = x.reshape(B, g.kv_heads, G, t.num_q_tiles, t.q_tile_size, E)
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, g.kv_heads, t.num_q_tiles, G * t.q_tile_size, E)
     return x.contiguous()
 
 
-def from_tiles(x: torch.Tensor, plan: TiledPlan) -> torch.Tensor:
+def from_tiles(x: torch.Tensor, t: Tiling, fold_heads: bool) -> torch.Tensor:
     """Inverse of :func:`to_tiles` for tensors with or without a trailing feature axis."""
-    g, t = plan.geometry, plan.tiling
+    g = t.geometry
     nd = g.ndim
     squeeze = x.ndim == 4
     if squeeze:
         x = x[..., None]
     B, E = x.shape[0], x.shape[-1]
-    if plan.fold_heads:
+    if fold_heads:
         G = g.group_size
         x = x.reshape(B, g.kv_heads, t.num_q_tiles, G, t.q_tile_size, E).permute(0, 1, 3, 2, 4, 5)
     x = x.reshape(B, g.q_heads, *t.q_grid, *t.q_tile, E)
@@ -314,7 +316,7 @@ class TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, work, scale, score_mod, cdt, *params):
-        q_t = to_tiles(q.to(cdt), plan)
+        q_t = to_tiles(q.to(cdt), plan.tiling, plan.fold_heads)
         k_flat = flat_kv(k.to(cdt))
         v_flat = flat_kv(v.to(cdt))
         out_t, lse_t = tiled_forward(q_t, k_flat, v_flat, plan, scale, score_mod, work)
@@ -323,8 +325,8 @@ class TiledAttention(torch.autograd.Function):
         ctx.plan, ctx.scale, ctx.score_mod = plan, scale, score_mod
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
         ctx.kv_shapes = (k.shape, v.shape)
-        out = from_tiles(out_t, plan).to(q.dtype)
-        lse = from_tiles(lse_t, plan)
+        out = from_tiles(out_t, plan.tiling, plan.fold_heads).to(q.dtype)
+        lse = from_tiles(lse_t, plan.tiling, plan.fold_heads)
         return out, lse
 
     @staticmethod
@@ -332,13 +334,15 @@ class TiledAttention(torch.autograd.Function):
         q_t, k_flat, v_flat, out_t, lse_t, *params = ctx.saved_tensors
         plan = ctx.plan
         cdt = q_t.dtype
-        dout_t = to_tiles(dout.to(cdt), plan)
-        dlse_t = to_tiles(dlse[..., None].to(cdt), plan)[..., 0] if dlse is not None else None
+        dout_t = to_tiles(dout.to(cdt), plan.tiling, plan.fold_heads)
+        dlse_t = (
+            to_tiles(dlse[..., None].to(cdt), plan.tiling, plan.fold_heads)[..., 0] if dlse is not None else None
+        )
         dq_t, dk_flat, dv_flat, dparams = tiled_backward(
             q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, ctx.scale, ctx.score_mod, params, ctx.work
         )
         qd, kd, vd = ctx.in_dtypes
-        dq = from_tiles(dq_t, plan).to(qd)
+        dq = from_tiles(dq_t, plan.tiling, plan.fold_heads).to(qd)
         dk = dk_flat.reshape(ctx.kv_shapes[0]).to(kd)
         dv = dv_flat.reshape(ctx.kv_shapes[1]).to(vd)
         return (dq, dk, dv, None, None, None, None, None, *dparams)
