@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import attnlab as al
 
-from .timing import Timing, forward_backward, forward_only, measure, peak_rss_gib
+from .timing import Timing, forward_backward, forward_only, measure, measure_pair, peak_rss_gib
 
 
 @dataclass
@@ -87,8 +87,8 @@ def dense_figures(L: int, repeats: int, device: str) -> list[Figure]:
             grad = mode != "fwd"
             q, k, v = _qkv((L,), grad, device=device)
             wrap = forward_backward if grad else forward_only
-            ours = measure(wrap(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
-            base = measure(
+            ours, base = measure_pair(
+                wrap(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v),
                 wrap(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal), q, k, v),
                 repeats, device=device,
             )
@@ -96,34 +96,36 @@ def dense_figures(L: int, repeats: int, device: str) -> list[Figure]:
     return out
 
 
-def sliding_window_figures(L: int, left: int, repeats: int, device: str) -> tuple[list[Figure], float]:
+def sliding_window_figures(L: int, left: int, repeats: int, device: str):
     pattern = al.SlidingWindow(left=left, right=0)
     name = f"SlidingWindow({left},0) L={L}"
     out = []
     q, k, v = _qkv((L,), True, device=device)
-    ours_fb = measure(forward_backward(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
     i = torch.arange(L, device=device)
     bool_mask = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - left)
-    sdpa_fb = measure(
+    ours_fb, sdpa_fb = measure_pair(
+        forward_backward(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v),
         forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bool_mask), q, k, v),
         max(1, repeats - 1), device=device,
     )
     del bool_mask
     out.append(Figure(name, "fwd+bwd / SDPA(bool mask)", ours_fb.median, sdpa_fb.median, _ratio(ours_fb, sdpa_fb), 0.25))
-    ours_f = measure(forward_only(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
-    flex_t, compile_s, why = _flex_forward(q, k, v, pattern, L, repeats, device)
+    ours_f = forward_only(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v)
+    ours_f, flex_t, compile_s, why = _flex_forward(ours_f, q, k, v, pattern, L, repeats, device)
     note = f"flex compile {compile_s:.1f}s (excluded)" if flex_t else why
     out.append(Figure(name, "fwd / compiled flex(BlockMask)", ours_f.median,
                       flex_t.median if flex_t else None, _ratio(ours_f, flex_t), 1.25, note))
     density = visible_fraction(pattern, (L,))
-    return out + [Figure(name, "", ours_fb.median, None, None, 0.0, f"density={density:.4f}")], density
+    ours_closure = forward_backward(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v)
+    return out, ours_closure, density
 
 
-def _flex_forward(q, k, v, pattern, L, repeats, device):
+def _flex_forward(ours, q, k, v, pattern, L, repeats, device):
+    """Time ``ours`` against compiled FlexAttention (interleaved); flex may be missing."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
-        return None, 0.0, f"flex not available: {e}"
+        return measure(ours, repeats, device=device), None, 0.0, f"flex not available: {e}"
     try:
         geom = al.geometry.check_qkv(q, k, v)
         mask_mod = pattern.as_mask_mod(geom)
@@ -134,52 +136,59 @@ def _flex_forward(q, k, v, pattern, L, repeats, device):
         with torch.no_grad():
             fn(qd, kd, vd, block_mask=block_mask)
         compile_s = time.perf_counter() - t0
-        t = measure(forward_only(lambda a, b, c: fn(a, b, c, block_mask=block_mask), qd, kd, vd), repeats, device=device)
-        return t, compile_s, ""
+        flex = forward_only(lambda a, b, c: fn(a, b, c, block_mask=block_mask), qd, kd, vd)
+        t_ours, t_flex = measure_pair(ours, flex, repeats, device=device)
+        return t_ours, t_flex, compile_s, ""
     except Exception as e:  # a peer failing is a result, not a crash
-        return None, 0.0, f"flex failed: {type(e).__name__}: {str(e)[:120]}"
+        return measure(ours, repeats, device=device), None, 0.0, f"flex failed: {type(e).__name__}: {str(e)[:120]}"
 
 
 def neighborhood_figures(shape: tuple[int, ...], kernel: tuple[int, ...], repeats: int, device: str):
     pattern = al.Neighborhood(kernel_size=kernel)
     name = f"Neighborhood{kernel} on {shape}"
     q, k, v = _qkv(shape, True, device=device)
-    ours_fb = measure(forward_backward(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
-    ours_f = measure(forward_only(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v), repeats, device=device)
-    nat, why = _natten_forward(q, k, v, kernel, repeats, device)
-    note = "NATTEN has no CPU backward: baseline is its forward" if nat and device == "cpu" else why
-    figs = [
-        Figure(name, "fwd+bwd / NATTEN fwd", ours_fb.median, nat.median if nat else None, _ratio(ours_fb, nat), 0.05, note),
-        Figure(name, "fwd / NATTEN fwd", ours_f.median, nat.median if nat else None, _ratio(ours_f, nat), 0.05, why),
-    ]
+    ours_fb = forward_backward(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v)
+    ours_f = forward_only(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v)
+    nat, why = _natten_forward(q, k, v, kernel)
+    figs = []
+    for label, ours in (("fwd+bwd / NATTEN fwd", ours_fb), ("fwd / NATTEN fwd", ours_f)):
+        if nat is None:
+            figs.append(Figure(name, label, measure(ours, repeats, device=device).median, None, None, 0.05, why))
+            continue
+        t_ours, t_nat = measure_pair(ours, nat, repeats, device=device)
+        note = "NATTEN has no CPU backward: its forward is the baseline" if "bwd" in label and device == "cpu" else ""
+        figs.append(Figure(name, label, t_ours.median, t_nat.median, _ratio(t_ours, t_nat), 0.05, note))
     density = 1.0
     for kk, s in zip(kernel, shape):
         density *= kk / s
     return figs, ours_fb, density
 
 
-def _natten_forward(q, k, v, kernel, repeats, device):
+def _natten_forward(q, k, v, kernel):
+    """A closure running NATTEN's forward on heads-last copies, or (None, why)."""
     try:
         import natten
     except ImportError:
         return None, "NATTEN not installed"
-    fn = {1: "na1d", 2: "na2d", 3: "na3d"}[len(kernel)]
+    f = getattr(natten, {1: "na1d", 2: "na2d", 3: "na3d"}[len(kernel)])
+    qh, kh, vh = (x.detach().movedim(1, -2).contiguous() for x in (q, k, v))
+    call = forward_only(lambda a, b, c: f(a, b, c, kernel_size=kernel), qh, kh, vh)
     try:
-        qh, kh, vh = (x.detach().movedim(1, -2).contiguous() for x in (q, k, v))  # heads-last
-        f = getattr(natten, fn)
-        call = forward_only(lambda a, b, c: f(a, b, c, kernel_size=kernel), qh, kh, vh)
-        return measure(call, repeats, device=device), ""
-    except Exception as e:
+        call()
+    except Exception as e:  # a peer failing is a result, not a crash
         return None, f"NATTEN failed: {type(e).__name__}: {str(e)[:120]}"
+    return call, ""
 
 
-def density_figure(name: str, ours: float, density: float, shape, repeats: int, device: str) -> Figure:
+def density_figure(name: str, ours: Callable[[], None], density: float, shape, repeats: int, device: str) -> Figure:
+    """``ours`` (a forward+backward closure) against ``density`` x dense SDPA forward+backward."""
     q, k, v = _qkv(shape, True, device=device)
     flat = [x.detach().flatten(2, -2).requires_grad_() for x in (q, k, v)]
-    dense = measure(forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), *flat), max(1, repeats - 1), device=device)
-    budget = density * dense.median
-    return Figure(name, "fwd+bwd / (density x dense SDPA)", ours, budget, ours / budget, 2.5,
-                  f"density={density:.4f}, dense fwd+bwd {dense.median:.2f}s")
+    dense = forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), *flat)
+    t_ours, t_dense = measure_pair(ours, dense, max(1, repeats - 1), device=device)
+    budget = density * t_dense.median
+    return Figure(name, "fwd+bwd / (density x dense SDPA)", t_ours.median, budget, t_ours.median / budget, 2.5,
+                  f"density={density:.4f}, dense fwd+bwd {t_dense.median:.2f}s")
 
 
 def memory_figure(L: int, left: int, device: str) -> Figure:
@@ -211,15 +220,15 @@ def run(sizes: str = "full", repeats: int = 3, device: str = "cpu", progress: Ca
     progress(f"dense and causal, L={s['dense_L']}")
     figs += dense_figures(s["dense_L"], repeats, device)
     progress(f"sliding window, L={s['sw_L']}")
-    sw, sw_density = sliding_window_figures(s["sw_L"], s["sw_left"], repeats, device)
-    figs += sw[:-1]
+    sw, sw_fb, sw_density = sliding_window_figures(s["sw_L"], s["sw_left"], repeats, device)
+    figs += sw
     for shape, kernel in (s["na1"], s["na2"]):
         progress(f"neighborhood {kernel} on {shape}")
         nf, ours_fb, density = neighborhood_figures(shape, kernel, repeats, device)
         figs += nf
-        figs.append(density_figure(f"Neighborhood{kernel} on {shape}", ours_fb.median, density, shape, repeats, device))
+        figs.append(density_figure(f"Neighborhood{kernel} on {shape}", ours_fb, density, shape, repeats, device))
     progress("sliding window density budget")
-    figs.append(density_figure(sw[0].name, sw[-1].ours, sw_density, (s["sw_L"],), repeats, device))
+    figs.append(density_figure(sw[0].name, sw_fb, sw_density, (s["sw_L"],), repeats, device))
     progress(f"peak memory, L={s['mem_L']}")
     figs.append(memory_figure(s["mem_L"], s["sw_left"], device))
     return figs

@@ -40,6 +40,34 @@ def measure(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, device=
     return Timing(med, (max(times) - min(times)) / med if med > 0 else 0.0, repeats)
 
 
+def measure_pair(
+    fn_a: Callable[[], object],
+    fn_b: Callable[[], object],
+    repeats: int = 3,
+    warmup: int = 1,
+    device="cpu",
+) -> tuple[Timing, Timing]:
+    """Time two functions interleaved (a, b, a, b, ...) so that drift in the machine's
+    speed affects both alike; returns their timings."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    _sync(device)
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            acc.append(time.perf_counter() - t0)
+
+    def summary(times: list[float]) -> Timing:
+        med = statistics.median(times)
+        return Timing(med, (max(times) - min(times)) / med if med > 0 else 0.0, repeats)
+
+    return summary(ta), summary(tb)
+
+
 def forward_backward(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], None]:
     """A closure that runs ``fn(*inputs)`` and backpropagates a fixed random gradient."""
     grad = None
