@@ -121,6 +121,11 @@ class ChunkIndex:
         base = (self.bsel * g.kv_heads + hkv) * g.kv_len  # (B', H', n) broadcast
         self.gather = base[..., None] + pos.clamp(min=0).view(1, 1, n, -1)
         self.span = pos.shape[1]
+        # when key tiles are contiguous runs of tokens, move whole tiles instead
+        self.tile_gather = None
+        if contiguous_kv_tiles(t):
+            tile_base = (self.bsel * g.kv_heads + hkv) * t.num_kv_tiles
+            self.tile_gather = tile_base[..., None] + tiles.clamp(min=0).view(1, 1, n, -1)
 
     def mask(self, plan: TiledPlan) -> torch.Tensor:
         """``(1, 1, n, Tq, span)`` visibility inside the gathered keys."""
@@ -132,9 +137,31 @@ class ChunkIndex:
         return ScoreContext(b, self.score_h, self.score_q, self.kv_tok, plan.geometry, query)
 
 
-def _gather(x_flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    out = torch.index_select(x_flat, 0, idx.reshape(-1))
-    return out.view(*idx.shape, x_flat.shape[-1])
+def contiguous_kv_tiles(t: Tiling) -> bool:
+    """True if every key tile is a contiguous run of tokens in memory (no padding)."""
+    g = t.geometry
+    return all(x == 1 for x in t.kv_tile[:-1]) and g.kv_shape[-1] % t.kv_tile[-1] == 0
+
+
+def _gather(x_flat: torch.Tensor, ci: ChunkIndex) -> torch.Tensor:
+    """Keys or values of a chunk, ``(B', H', n, span, E)``, from ``(B * Hkv * S, E)``."""
+    E = x_flat.shape[-1]
+    if ci.tile_gather is not None:
+        tiles = x_flat.view(-1, ci.span // ci.tile_gather.shape[-1] * E)
+        out = torch.index_select(tiles, 0, ci.tile_gather.reshape(-1))
+        return out.view(*ci.tile_gather.shape[:-1], ci.span, E)
+    out = torch.index_select(x_flat, 0, ci.gather.reshape(-1))
+    return out.view(*ci.gather.shape, E)
+
+
+def _scatter_add(acc_flat: torch.Tensor, ci: ChunkIndex, src: torch.Tensor) -> None:
+    """``acc_flat[rows of the chunk] += src`` (inverse of :func:`_gather`)."""
+    E = acc_flat.shape[-1]
+    if ci.tile_gather is not None:
+        width = ci.span // ci.tile_gather.shape[-1] * E
+        acc_flat.view(-1, width).index_add_(0, ci.tile_gather.reshape(-1), src.reshape(-1, width))
+    else:
+        acc_flat.index_add_(0, ci.gather.reshape(-1), src.reshape(-1, E))
 
 
 def _select_rows(x: torch.Tensor, ci: ChunkIndex) -> torch.Tensor:
@@ -186,16 +213,18 @@ def _score_mod(plan, ci, S, Qc, score_mod, track):
         return score_mod.modify(raw, ctx), raw
 
 
-def _softmax_lse(S: torch.Tensor):
-    """Softmax over the last axis and its log-sum-exp. Rows with no finite logit (hidden by
-    the pattern, or set to -inf by a score mod) give probabilities 0 and lse -inf."""
+def _softmax_lse(S: torch.Tensor, with_lse: bool = True):
+    """Softmax over the last axis and (when ``with_lse``) its log-sum-exp. Rows with no
+    finite logit (hidden by the pattern, or set to -inf by a score mod) give probabilities
+    0 and lse -inf."""
     m = S.amax(-1)
     P = torch.softmax(S, -1)
-    lse = m - torch.log(P.amax(-1))
+    lse = m - torch.log(P.amax(-1)) if with_lse else None
     empty = m == float("-inf")
     if bool(empty.any()):
         P.masked_fill_(empty[..., None], 0.0)
-        lse.masked_fill_(empty, float("-inf"))
+        if with_lse:
+            lse.masked_fill_(empty, float("-inf"))
     return P, lse
 
 
@@ -226,8 +255,8 @@ def tiled_forward(q_t, k_flat, v_flat, plan: TiledPlan, scale: float, score_mod,
     acc_o = acc_l = None
     for i, (ci, bias, first, _) in enumerate(work):
         Qc = _select_rows(q_t, ci)
-        Kc = _gather(k_flat, ci.gather)
-        Vc = _gather(v_flat, ci.gather)
+        Kc = _gather(k_flat, ci)
+        Vc = _gather(v_flat, ci)
         Kt = Kc.transpose(-1, -2)
         if score_mod is None:
             S = _bmm_into(bias, Qc, Kt, scale, plan)
@@ -268,15 +297,19 @@ def tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, scal
         delta = delta - dlse_t
     neg_lse = torch.where(torch.isfinite(lse_t), -lse_t, torch.full_like(lse_t, float("-inf")))
     neg_delta = -delta
-    dq_t = torch.zeros_like(q_t)
+    every_row_once = all(whole for _, _, _, whole in work) and sum(
+        c.stop - c.start for c in plan.chunks
+    ) == plan.row_qt.numel()
+    dq_t = torch.empty_like(q_t) if every_row_once else torch.zeros_like(q_t)
     dk_flat = torch.zeros_like(k_flat)
     dv_flat = torch.zeros_like(v_flat)
     dparams = [torch.zeros_like(p) for p in params]
     needs_query = score_mod is not None and score_mod.needs_query
     for ci, bias, _, whole_rows in work:
+        dq_extra = None
         Qc = _select_rows(q_t, ci)
-        Kc = _gather(k_flat, ci.gather)
-        Vc = _gather(v_flat, ci.gather)
+        Kc = _gather(k_flat, ci)
+        Vc = _gather(v_flat, ci)
         dOc = _select_rows(dout_t, ci)
         Kt = Kc.transpose(-1, -2)
         # P = exp(S + bias - lse); for whole rows the fused softmax recomputes it faster
@@ -288,7 +321,7 @@ def tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, scal
             Qg = Qc.detach().requires_grad_() if needs_query else Qc
             S, raw = _score_mod(plan, ci, _bmm_into(None, Qc, Kt, scale, plan), Qg, score_mod, True)
             S_full = S.detach() if shift is None else _ungrouped(_grouped(S.detach(), plan) + shift)
-        P = _softmax_lse(S_full)[0] if whole_rows else S_full.exp_()
+        P = _softmax_lse(S_full, with_lse=False)[0] if whole_rows else S_full.exp_()
         dS = _bmm_into(
             _grouped(_select_rows(neg_delta, ci)[..., None], plan), dOc, Vc.transpose(-1, -2), 1.0, plan
         ).mul_(P)
@@ -297,17 +330,21 @@ def tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, dlse_t, plan, scal
             grads = torch.autograd.grad(S, inputs, dS, allow_unused=True)
             dS = grads[0]
             if needs_query and grads[1] is not None:
-                dq_t[ci.bsel, ci.hsel, ci.qsel] += grads[1]
+                dq_extra = grads[1]
             for acc, gp in zip(dparams, grads[len(inputs) - len(params):]):
                 if gp is not None:
                     acc += gp
         dv_c = torch.matmul(P.transpose(-1, -2), dOc)
         dq_c = torch.matmul(dS, Kc).mul_(scale)
+        if dq_extra is not None:
+            dq_c += dq_extra
         dk_c = torch.matmul(dS.transpose(-1, -2), Qc).mul_(scale)
-        dq_t[ci.bsel, ci.hsel, ci.qsel] += dq_c
-        idx = ci.gather.reshape(-1)
-        dk_flat.index_add_(0, idx, dk_c.reshape(-1, dk_c.shape[-1]))
-        dv_flat.index_add_(0, idx, dv_c.reshape(-1, dv_c.shape[-1]))
+        if every_row_once:
+            dq_t[ci.bsel, ci.hsel, ci.qsel] = dq_c
+        else:
+            dq_t[ci.bsel, ci.hsel, ci.qsel] += dq_c
+        _scatter_add(dk_flat, ci, dk_c)
+        _scatter_add(dv_flat, ci, dv_c)
     return dq_t, dk_flat, dv_flat, dparams
 
 
