@@ -23,7 +23,7 @@ _COMPILED = {}
 
 def flex_available() -> bool:
     try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
         return False
     return True
@@ -99,8 +99,10 @@ class FlexBackend(Backend):
         if problem.score_mod is not None:
             inner = problem.score_mod.as_score_mod(g)
 
-            def score_fn(score, b, h, q_idx, kv_idx):
+            def remapped_score_mod(score, b, h, q_idx, kv_idx):
                 return inner(score, b, h, q_index[q_idx].clamp(min=0), kv_index[kv_idx].clamp(min=0))
+
+            score_fn = remapped_score_mod
 
         block_mask = _block_mask(BlockMask, problem.pattern, tiling, mask_mod)
         q = to_tiles(problem.q, tiling, fold_heads=False).flatten(2, 3)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import attnlab as al
 
-from .timing import Timing, forward_backward, forward_only, measure, measure_pair, peak_rss_gib
+from .timing import Timing, forward_backward, forward_only, measure, measure_pair
 
 
 @dataclass
@@ -108,7 +108,6 @@ def sliding_window_figures(L: int, left: int, repeats: int, device: str):
         forward_backward(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bool_mask), q, k, v),
         max(1, repeats - 1), device=device,
     )
-    del bool_mask
     out.append(Figure(name, "fwd+bwd / SDPA(bool mask)", ours_fb.median, sdpa_fb.median, _ratio(ours_fb, sdpa_fb), 0.25))
     ours_f = forward_only(lambda a, b, c: al.attention(a, b, c, pattern), q, k, v)
     ours_f, flex_t, compile_s, why = _flex_forward(ours_f, q, k, v, pattern, L, repeats, device)

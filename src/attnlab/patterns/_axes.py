@@ -13,8 +13,9 @@ from typing import Sequence, Union
 
 import torch
 
-from ..geometry import Geometry
-from .layout import Tiling, interval_layout
+from ..geometry import Geometry, unravel
+from .base import Pattern
+from .layout import BlockLayout, Tiling, combine_axes, interval_layout
 
 PerAxis = Union[int, Sequence[int]]
 PerAxisBool = Union[bool, Sequence[bool]]
@@ -126,3 +127,76 @@ def axis_layout(
         single = ((q_stop - q_start) == 1)[:, None] & ((kv_stop - kv_start) == 1)[None, :]
         full = vis & single
     return any_, full & any_
+
+
+class AxisProduct(Pattern):
+    """A pattern that is visible iff a per-axis rule holds on every axis.
+
+    Subclasses implement :meth:`_axis_range` (the key interval and period seen by query
+    coordinates ``x`` along one axis) and :meth:`_check_axis`.
+    """
+
+    _args: tuple[str, ...] = ()
+
+    def __init__(self, **args: PerAxis) -> None:
+        self.ndim = common_ndim(**args)
+        for name, value in args.items():
+            normalize_per_axis(name, value, self.ndim or 1)
+            setattr(self, name, tuple(value) if isinstance(value, list) else value)
+
+    def _axis_values(self, ndim: int) -> list[tuple[int, ...]]:
+        per_arg = [normalize_per_axis(a, getattr(self, a), ndim) for a in self._args]
+        return list(zip(*per_arg))
+
+    def _axis_range(
+        self, x: torch.Tensor, n: int, values: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        raise NotImplementedError
+
+    def _check_axis(self, ax: int, n: int, values: tuple[int, ...], geometry: Geometry) -> None:
+        raise NotImplementedError
+
+    def validate(self, geometry: Geometry) -> None:
+        super().validate(geometry)
+        check_self_attention(self, geometry)
+        for ax, (n, vals) in enumerate(zip(geometry.q_shape, self._axis_values(geometry.ndim))):
+            self._check_axis(ax, n, vals, geometry)
+
+    def mask(
+        self,
+        b: torch.Tensor,
+        h: torch.Tensor,
+        q_idx: torch.Tensor,
+        kv_idx: torch.Tensor,
+        geometry: Geometry,
+    ) -> torch.Tensor:
+        qc = unravel(q_idx, geometry.q_shape)
+        kc = unravel(kv_idx, geometry.kv_shape)
+        out: torch.Tensor | None = None
+        for x, y, n, vals in zip(qc, kc, geometry.q_shape, self._axis_values(geometry.ndim)):
+            lo, hi, period = self._axis_range(x, n, vals)
+            m = (y >= lo) & (y < hi)
+            if period > 1:
+                m = m & ((y - lo) % period == 0)
+            out = m if out is None else out & m
+        return out
+
+    def block_layout(self, tiling: Tiling) -> BlockLayout:
+        g = tiling.geometry
+        self.validate(g)
+        per_axis = []
+        for ax, (n, vals) in enumerate(zip(g.q_shape, self._axis_values(g.ndim))):
+            x = torch.arange(n, device=tiling.device)
+            lo, hi, period = self._axis_range(x, n, vals)
+            per_axis.append(axis_layout(tiling, ax, lo, hi, period))
+        return combine_axes(tiling, per_axis)
+
+    def preferred_tile(self, geometry: Geometry) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        return None
+
+    def may_have_empty_rows(self, geometry: Geometry) -> bool:
+        return False  # every query sees at least itself
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{a}={getattr(self, a)!r}" for a in self._args)
+        return f"{type(self).__name__}({args})"

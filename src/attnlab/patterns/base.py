@@ -17,6 +17,7 @@ its layout.
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -156,29 +157,35 @@ class Causal(Pattern):
         return geometry.q_len > geometry.kv_len
 
 
-class Union(Pattern):
-    """Pairs visible in any of the parts."""
+class _Composite(Pattern):
+    """Patterns combined elementwise and tile by tile with one boolean operator."""
+
+    _symbol = ""
 
     def __init__(self, *parts: Pattern):
         flat: list[Pattern] = []
         for p in parts:
-            flat.extend(p.parts if isinstance(p, Union) else [p])
+            flat.extend(p.parts if type(p) is type(self) else [p])
         self.parts = tuple(flat)
         dims = {p.ndim for p in self.parts if p.ndim is not None}
         if len(dims) > 1:
             raise ValueError(f"cannot combine patterns defined on different numbers of axes: {self!r}")
         self.ndim = dims.pop() if dims else None
 
+    @staticmethod
+    def _op(a, b):
+        raise NotImplementedError
+
     def mask(self, b, h, q_idx, kv_idx, geometry):
         out = self.parts[0].mask(b, h, q_idx, kv_idx, geometry)
         for p in self.parts[1:]:
-            out = out | p.mask(b, h, q_idx, kv_idx, geometry)
+            out = self._op(out, p.mask(b, h, q_idx, kv_idx, geometry))
         return out
 
     def block_layout(self, tiling):
         out = self.parts[0].block_layout(tiling)
         for p in self.parts[1:]:
-            out = out | p.block_layout(tiling)
+            out = self._op(out, p.block_layout(tiling))
         return out
 
     def validate(self, geometry):
@@ -191,59 +198,30 @@ class Union(Pattern):
             if t is not None:
                 return t
         return None
+
+    def __repr__(self):
+        sep = f" {self._symbol} "
+        return sep.join(
+            f"({p!r})" if isinstance(p, _Composite) and type(p) is not type(self) else repr(p)
+            for p in self.parts
+        )
+
+
+class Union(_Composite):
+    """Pairs visible in any of the parts (``a | b``)."""
+
+    _symbol = "|"
+    _op = staticmethod(operator.or_)
 
     def may_have_empty_rows(self, geometry):
         return all(p.may_have_empty_rows(geometry) for p in self.parts)
 
-    def __repr__(self):
-        return " | ".join(_paren(p, Intersection) for p in self.parts)
 
+class Intersection(_Composite):
+    """Pairs visible in every part (``a & b``)."""
 
-class Intersection(Pattern):
-    """Pairs visible in every part."""
-
-    def __init__(self, *parts: Pattern):
-        flat: list[Pattern] = []
-        for p in parts:
-            flat.extend(p.parts if isinstance(p, Intersection) else [p])
-        self.parts = tuple(flat)
-        dims = {p.ndim for p in self.parts if p.ndim is not None}
-        if len(dims) > 1:
-            raise ValueError(f"cannot combine patterns defined on different numbers of axes: {self!r}")
-        self.ndim = dims.pop() if dims else None
-
-    def mask(self, b, h, q_idx, kv_idx, geometry):
-        out = self.parts[0].mask(b, h, q_idx, kv_idx, geometry)
-        for p in self.parts[1:]:
-            out = out & p.mask(b, h, q_idx, kv_idx, geometry)
-        return out
-
-    def block_layout(self, tiling):
-        out = self.parts[0].block_layout(tiling)
-        for p in self.parts[1:]:
-            out = out & p.block_layout(tiling)
-        return out
-
-    def validate(self, geometry):
-        for p in self.parts:
-            p.validate(geometry)
-
-    def preferred_tile(self, geometry):
-        for p in self.parts:
-            t = p.preferred_tile(geometry)
-            if t is not None:
-                return t
-        return None
-
-    def may_have_empty_rows(self, geometry):
-        return True
-
-    def __repr__(self):
-        return " & ".join(_paren(p, Union) for p in self.parts)
-
-
-def _paren(p: Pattern, kind: type) -> str:
-    return f"({p!r})" if isinstance(p, kind) else repr(p)
+    _symbol = "&"
+    _op = staticmethod(operator.and_)
 
 
 class MaskMod(Pattern):

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..geometry import Geometry, unravel
-from ._axes import (
-    PerAxis,
-    PerAxisBool,
-    axis_layout,
-    check_positive,
-    check_self_attention,
-    common_ndim,
-    normalize_per_axis,
-)
-from .base import Pattern
-from .layout import BlockLayout, Tiling, combine_axes
+from ..geometry import Geometry
+from ._axes import AxisProduct, PerAxis, PerAxisBool, check_positive, common_ndim, normalize_per_axis
 
 
 def axis_window(
@@ -43,7 +33,7 @@ def axis_window(
     return group, start, stop
 
 
-class Neighborhood(Pattern):
+class Neighborhood(AxisProduct):
     """Neighborhood attention: each query sees a ``kernel_size`` window of keys per axis.
 
     Papers: "Neighborhood Attention Transformer" (Hassani et al., CVPR 2023), "Dilated
@@ -113,75 +103,37 @@ class Neighborhood(Pattern):
         self.stride = tuple(stride) if isinstance(stride, list) else stride
         self.is_causal = tuple(is_causal) if isinstance(is_causal, list) else is_causal
 
-    def _params(self, ndim: int) -> list[tuple[int, int, int, bool]]:
+    def _axis_values(self, ndim: int) -> list[tuple[int, int, int, bool]]:
         ks = normalize_per_axis("kernel_size", self.kernel_size, ndim)
         dil = normalize_per_axis("dilation", self.dilation, ndim)
         st = normalize_per_axis("stride", self.stride, ndim)
         ca = normalize_per_axis("is_causal", self.is_causal, ndim, kind=bool)
         return list(zip(ks, dil, st, ca))
 
-    def validate(self, geometry: Geometry) -> None:
-        super().validate(geometry)
-        check_self_attention(self, geometry)
-        for ax, ((k, d, _, _), n) in enumerate(zip(self._params(geometry.ndim), geometry.q_shape)):
-            if k > n:
-                raise ValueError(
-                    f"kernel_size={k} is larger than token axis {ax} of length {n} "
-                    f"(q token shape {geometry.q_shape}); expected kernel_size <= {n}"
-                )
-            if k * d > n:
-                raise ValueError(
-                    f"dilation * kernel_size = {d} * {k} = {d * k} is larger than token axis "
-                    f"{ax} of length {n} (q token shape {geometry.q_shape}); expected "
-                    f"dilation <= {n // k} for kernel_size={k}"
-                )
+    def _axis_range(self, x: torch.Tensor, n: int, values: tuple[int, int, int, bool]):
+        # the window [start, stop) in dilation-group coordinates, as key coordinates
+        # lo, lo + d, ..., hi - 1 (see axis_window)
+        k, d, s, c = values
+        group, start, stop = axis_window(x, n, k, d, s, c)
+        return start * d + group, (stop - 1) * d + group + 1, d
 
-    def mask(
-        self,
-        b: torch.Tensor,
-        h: torch.Tensor,
-        q_idx: torch.Tensor,
-        kv_idx: torch.Tensor,
-        geometry: Geometry,
-    ) -> torch.Tensor:
-        shape = geometry.q_shape
-        qc = unravel(q_idx, shape)
-        kc = unravel(kv_idx, geometry.kv_shape)
-        out: torch.Tensor | None = None
-        for x, y, n, (k, d, s, c) in zip(qc, kc, shape, self._params(geometry.ndim)):
-            group, start, stop = axis_window(x, n, k, d, s, c)
-            yd = y // d
-            m = (yd >= start) & (yd < stop)
-            if d > 1:
-                m = m & (y % d == group)
-            out = m if out is None else out & m
-        return out
+    def _check_axis(self, ax: int, n: int, values: tuple[int, int, int, bool], geometry: Geometry) -> None:
+        k, d, _, _ = values
+        if k > n:
+            raise ValueError(
+                f"kernel_size={k} is larger than token axis {ax} of length {n} "
+                f"(q token shape {geometry.q_shape}); expected kernel_size <= {n}"
+            )
+        if k * d > n:
+            raise ValueError(
+                f"dilation * kernel_size = {d} * {k} = {d * k} is larger than token axis "
+                f"{ax} of length {n} (q token shape {geometry.q_shape}); expected "
+                f"dilation <= {n // k} for kernel_size={k}"
+            )
 
-    def block_layout(self, tiling: Tiling) -> BlockLayout:
-        g = tiling.geometry
-        self.validate(g)
-        per_axis = []
-        for ax, (n, (k, d, s, c)) in enumerate(zip(g.q_shape, self._params(g.ndim))):
-            x = torch.arange(n, device=tiling.device)
-            group, start, stop = axis_window(x, n, k, d, s, c)
-            lo = start * d + group
-            hi = (stop - 1) * d + group + 1
-            per_axis.append(axis_layout(tiling, ax, lo, hi, period=d))
-        return combine_axes(tiling, per_axis)
-
-    def preferred_tile(self, geometry: Geometry) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-        return None
-
-    def may_have_empty_rows(self, geometry: Geometry) -> bool:
-        # Every query sees itself: causal windows end at the query, and the start is at most
-        # the query since the leader is at most stride - 1 <= kernel_size - 1 past it.
-        return False
-
-    def __repr__(self) -> str:
-        return (
-            f"Neighborhood(kernel_size={self.kernel_size!r}, dilation={self.dilation!r}, "
-            f"stride={self.stride!r}, is_causal={self.is_causal!r})"
-        )
+    _args = ("kernel_size", "dilation", "stride", "is_causal")
+    # may_have_empty_rows (False) comes from AxisProduct: every query sees itself, as causal
+    # windows end at the query and a window starts at most at its stride leader.
 
 
 __all__ = ["Neighborhood", "axis_window"]

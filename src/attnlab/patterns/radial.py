@@ -91,7 +91,7 @@ class Radial(Pattern):
         return band | diag
 
     def block_layout(self, tiling: Tiling) -> BlockLayout:
-        f, w = self.frame_size, self.window
+        w = self.window
         off = tiling.geometry.causal_offset
         q_lo, q_hi, _ = tiling.q_flat_bounds
         kv_lo, kv_hi, _ = tiling.kv_flat_bounds

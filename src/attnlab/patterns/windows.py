@@ -10,93 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ..geometry import Geometry, unravel
-from ._axes import (
-    PerAxis,
-    axis_layout,
-    check_positive,
-    check_self_attention,
-    common_ndim,
-    normalize_per_axis,
-)
-from .base import Pattern
-from .layout import BlockLayout, Tiling, combine_axes
+from ..geometry import Geometry
+from ._axes import AxisProduct, PerAxis, check_positive, normalize_per_axis
 
 
-class _AxisProduct(Pattern):
-    """A pattern that is visible iff a per-axis rule holds on every axis.
-
-    Subclasses implement :meth:`_axis_range` (the key interval and period seen by query
-    coordinates ``x`` along one axis) and :meth:`_check_axis`.
-    """
-
-    _args: tuple[str, ...] = ()
-
-    def __init__(self, **args: PerAxis) -> None:
-        self.ndim = common_ndim(**args)
-        for name, value in args.items():
-            normalize_per_axis(name, value, self.ndim or 1)
-            setattr(self, name, tuple(value) if isinstance(value, list) else value)
-
-    def _axis_values(self, ndim: int) -> list[tuple[int, ...]]:
-        per_arg = [normalize_per_axis(a, getattr(self, a), ndim) for a in self._args]
-        return list(zip(*per_arg))
-
-    def _axis_range(
-        self, x: torch.Tensor, n: int, values: tuple[int, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        raise NotImplementedError
-
-    def _check_axis(self, ax: int, n: int, values: tuple[int, ...], geometry: Geometry) -> None:
-        raise NotImplementedError
-
-    def validate(self, geometry: Geometry) -> None:
-        super().validate(geometry)
-        check_self_attention(self, geometry)
-        for ax, (n, vals) in enumerate(zip(geometry.q_shape, self._axis_values(geometry.ndim))):
-            self._check_axis(ax, n, vals, geometry)
-
-    def mask(
-        self,
-        b: torch.Tensor,
-        h: torch.Tensor,
-        q_idx: torch.Tensor,
-        kv_idx: torch.Tensor,
-        geometry: Geometry,
-    ) -> torch.Tensor:
-        qc = unravel(q_idx, geometry.q_shape)
-        kc = unravel(kv_idx, geometry.kv_shape)
-        out: torch.Tensor | None = None
-        for x, y, n, vals in zip(qc, kc, geometry.q_shape, self._axis_values(geometry.ndim)):
-            lo, hi, period = self._axis_range(x, n, vals)
-            m = (y >= lo) & (y < hi)
-            if period > 1:
-                m = m & ((y - lo) % period == 0)
-            out = m if out is None else out & m
-        return out
-
-    def block_layout(self, tiling: Tiling) -> BlockLayout:
-        g = tiling.geometry
-        self.validate(g)
-        per_axis = []
-        for ax, (n, vals) in enumerate(zip(g.q_shape, self._axis_values(g.ndim))):
-            x = torch.arange(n, device=tiling.device)
-            lo, hi, period = self._axis_range(x, n, vals)
-            per_axis.append(axis_layout(tiling, ax, lo, hi, period))
-        return combine_axes(tiling, per_axis)
-
-    def preferred_tile(self, geometry: Geometry) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-        return None
-
-    def may_have_empty_rows(self, geometry: Geometry) -> bool:
-        return False  # every query sees at least itself
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{a}={getattr(self, a)!r}" for a in self._args)
-        return f"{type(self).__name__}({args})"
-
-
-class Blocked(_AxisProduct):
+class Blocked(AxisProduct):
     """Non-overlapping window (block) attention.
 
     Query ``x`` and key ``y`` interact iff they lie in the same block on every axis::
@@ -132,7 +50,7 @@ class Blocked(_AxisProduct):
             )
 
 
-class Grid(_AxisProduct):
+class Grid(AxisProduct):
     """Grid ("dilated global") attention of "MaxViT: Multi-Axis Vision Transformer" (Tu et
     al., 2022).
 
@@ -170,7 +88,7 @@ class Grid(_AxisProduct):
             )
 
 
-class Halo(_AxisProduct):
+class Halo(AxisProduct):
     """Blocked local attention with halos, from "Scaling Local Self-Attention for Parameter
     Efficient Visual Backbones" (HaloNets; Vaswani et al., 2021).
 

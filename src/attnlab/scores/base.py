@@ -148,6 +148,15 @@ class ScoreModChain(ScoreMod):
         return list(found.values())
 
 
+def init_table_(table: torch.Tensor, std: float) -> None:
+    """Fill a learned table from ``normal(0, std)``, or with zeros when ``std == 0``."""
+    with torch.no_grad():
+        if std > 0:
+            table.normal_(0.0, std)
+        else:
+            table.zero_()
+
+
 def as_score_mod(score_mod: object, name: str = "score_mod") -> ScoreMod | None:
     """Turn ``None``, a :class:`ScoreMod`, a callable or a sequence of them into a ScoreMod."""
     if score_mod is None or isinstance(score_mod, ScoreMod):

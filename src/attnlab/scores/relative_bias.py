@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..geometry import Geometry
-from .base import ScoreContext, ScoreMod
+from .base import ScoreContext, ScoreMod, init_table_
 from .._checks import check_int as _check_int
 
 
@@ -123,12 +123,8 @@ class RelativeBias(ScoreMod):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Re-draw the table from ``normal(0, init_std)``."""
-        with torch.no_grad():
-            if self.init_std > 0:
-                self.table.normal_(0.0, self.init_std)
-            else:
-                self.table.zero_()
+        """Re-draw the table from ``normal(0, init_std)`` (zeros when ``init_std == 0``)."""
+        init_table_(self.table, self.init_std)
 
     def validate(self, geometry: Geometry) -> None:
         if self.num_heads != geometry.q_heads:
