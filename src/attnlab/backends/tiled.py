@@ -1,19 +1,20 @@
 """The tiled backend: block-sparse exact softmax attention with batched GEMMs.
 
 For every query tile the plan lists the key tiles the pattern touches. A chunk of query
-tiles gathers its keys and values (``index_select``), computes its logits with one batched
-GEMM, applies the score mod and, where a tile pair is only partly visible, the pattern's
-elementwise mask, and reduces with a fused softmax. Rows whose key set is too long for
-the working-set budget are split into slot groups that are merged exactly by log-sum-exp
-(the FlashAttention recurrence, see :mod:`attnlab.merge`). A custom ``autograd.Function``
-saves only the inputs, the output and the log-sum-exp, and recomputes the logits chunk by
-chunk in backward. Memory is O(L * span), never O(L * S) for a sparse pattern. Works on
+tiles gathers its keys and values (whole tiles when they are contiguous in memory, single
+tokens otherwise) and computes its logits with one batched GEMM; the pattern's mask,
+stored once per plan as a 0/-inf bias, is added inside that GEMM (beta=1), the score mod
+is applied, and a fused softmax reduces the rows. Rows whose key set is too long for the
+working-set budget are split into slot groups merged exactly by log-sum-exp (the
+FlashAttention recurrence, as in :mod:`attnlab.merge`). A custom ``autograd.Function``
+saves only the inputs, the output and the log-sum-exp and recomputes chunk by chunk in
+backward (probabilities of whole rows with the fused softmax, of split rows as
+``exp(S - lse)``). Memory is O(L * span), never O(L * S) for a sparse pattern. Works on
 CPU and CUDA; half-precision inputs are computed in float32.
 
 Equivalent to :func:`attnlab.backends.reference.reference_attention`, which the tests
 compare it with, outputs and gradients.
 """
-
 from __future__ import annotations
 
 import torch
