@@ -161,6 +161,32 @@ def disjoint_test_set(
     )
 
 
+def synthetic_task(
+    name: str,
+    make: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
+    num_examples: int,
+    num_test: int,
+    seed: int,
+    vocab_size: int,
+    details: dict,
+) -> TaskData:
+    """A sequence-to-sequence task drawn by ``make(rng, count) -> (inputs, targets)``:
+    train and test come from independent streams of ``seed`` and share no input sequence."""
+    train_rng, test_rng = seed_streams(seed)
+    train_x, train_y = make(train_rng, num_examples)
+    test_x, test_y = disjoint_test_set(train_x, make, num_test, test_rng)
+    return TaskData(
+        name=name,
+        train_inputs=torch.from_numpy(train_x),
+        train_targets=torch.from_numpy(train_y),
+        test_inputs=torch.from_numpy(test_x),
+        test_targets=torch.from_numpy(test_y),
+        vocab_size=vocab_size,
+        num_classes=None,
+        details=details,
+    )
+
+
 def default_test_count(num_examples: int, num_test_examples: int | None) -> int:
     """``num_test_examples`` checked, or ``max(1, num_examples // 4)`` when it is None."""
     if num_test_examples is None:

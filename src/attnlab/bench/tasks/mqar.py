@@ -8,11 +8,10 @@ generator ``zoology/data/multiquery_ar.py``.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from attnlab._checks import check_int
 
-from .base import IGNORE_INDEX, TaskData, default_test_count, disjoint_test_set, seed_streams
+from .base import IGNORE_INDEX, TaskData, default_test_count, synthetic_task
 
 
 def _check_power(power_a: object) -> float:
@@ -109,22 +108,10 @@ def mqar(
         y[rows, pos] = np.take_along_axis(values, asked, axis=1)
         return x, y
 
-    train_rng, test_rng = seed_streams(seed)
-    train_x, train_y = make(train_rng, num_examples)
-    test_x, test_y = disjoint_test_set(train_x, make, num_test, test_rng)
-    return TaskData(
-        name="mqar",
-        train_inputs=torch.from_numpy(train_x),
-        train_targets=torch.from_numpy(train_y),
-        test_inputs=torch.from_numpy(test_x),
-        test_targets=torch.from_numpy(test_y),
-        vocab_size=vocab_size,
-        num_classes=None,
-        details={
+    return synthetic_task("mqar", make, num_examples, num_test, seed, vocab_size, {
             "num_kv_pairs": pairs,
             "num_queries": queries,
             "power_a": power,
             "random_non_queries": random_non_queries,
             "seed": seed,
-        },
-    )
+        })

@@ -8,11 +8,10 @@ repository (``copying.py`` with ``variable=True``).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from attnlab._checks import check_int
 
-from .base import IGNORE_INDEX, TaskData, default_test_count, disjoint_test_set, seed_streams
+from .base import IGNORE_INDEX, TaskData, default_test_count, synthetic_task
 
 BLANK = 0
 """Id of the blank (noise) token that fills the gaps between data tokens."""
@@ -75,21 +74,9 @@ def selective_copy(
         y[:, region:] = tokens
         return x, y
 
-    train_rng, test_rng = seed_streams(seed)
-    train_x, train_y = make(train_rng, num_examples)
-    test_x, test_y = disjoint_test_set(train_x, make, num_test, test_rng)
-    return TaskData(
-        name="selective_copy",
-        train_inputs=torch.from_numpy(train_x),
-        train_targets=torch.from_numpy(train_y),
-        test_inputs=torch.from_numpy(test_x),
-        test_targets=torch.from_numpy(test_y),
-        vocab_size=vocab_size,
-        num_classes=None,
-        details={
+    return synthetic_task("selective_copy", make, num_examples, num_test, seed, vocab_size, {
             "num_tokens": m,
             "blank": BLANK,
             "marker": marker,
             "seed": seed,
-        },
-    )
+        })
