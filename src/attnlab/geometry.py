@@ -145,6 +145,19 @@ def check_scale(scale: object, head_dim: int) -> float:
     return float(scale)
 
 
+def index_grid(geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``b (B,1,1,1)``, ``h (1,Hq,1,1)``, ``q_idx (1,1,L,1)``, ``kv_idx (1,1,1,S)``: the
+    broadcastable indices of every (batch, query head, query, key) of a problem, with flat
+    token indices; what a pattern's ``mask`` and a score mod see over the dense problem."""
+    dev = geometry.device
+    return (
+        torch.arange(geometry.batch, device=dev).view(-1, 1, 1, 1),
+        torch.arange(geometry.q_heads, device=dev).view(1, -1, 1, 1),
+        torch.arange(geometry.q_len, device=dev).view(1, 1, -1, 1),
+        torch.arange(geometry.kv_len, device=dev).view(1, 1, 1, -1),
+    )
+
+
 def unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
     """Row-major coordinates of flat token indices (one tensor per axis)."""
     coords = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .geometry import Geometry
+from .geometry import Geometry, index_grid
 from .patterns.base import Pattern
 from .patterns.layout import Tiling
 
@@ -37,12 +37,7 @@ def make_geometry(
 def dense_mask(pattern: Pattern, geometry: Geometry) -> torch.Tensor:
     """The pattern's elementwise mask over all token pairs, shape ``(B, Hq, L, S)``
     (flat token indices). For tests on small problems only."""
-    dev = geometry.device
-    b = torch.arange(geometry.batch, device=dev).view(-1, 1, 1, 1)
-    h = torch.arange(geometry.q_heads, device=dev).view(1, -1, 1, 1)
-    q = torch.arange(geometry.q_len, device=dev).view(1, 1, -1, 1)
-    k = torch.arange(geometry.kv_len, device=dev).view(1, 1, 1, -1)
-    m = pattern.mask(b, h, q, k, geometry)
+    m = pattern.mask(*index_grid(geometry), geometry)
     return torch.broadcast_to(m, (geometry.batch, geometry.q_heads, geometry.q_len, geometry.kv_len))
 
 

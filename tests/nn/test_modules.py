@@ -267,7 +267,7 @@ def test_mha_validation(kwargs, call, exc, match):
 def manual_neighborhood(m, x, pattern, rpb_bias=None):
     """qkv -> attnlab.attention(backend="reference") -> proj, written out here."""
     Bx, spatial, C = x.shape[0], x.shape[1:-1], x.shape[-1]
-    nd, Hh, D = len(spatial), m.num_heads, C // m.num_heads
+    Hh, D = m.num_heads, C // m.num_heads
     qkv = F.linear(x, m.qkv.weight, m.qkv.bias).reshape(Bx, -1, 3, Hh, D).permute(2, 0, 3, 1, 4)
     q, k, v = (t.reshape(Bx, Hh, *spatial, D) for t in qkv)
     out = al.attention(q, k, v, pattern, rpb_bias, backend="reference")

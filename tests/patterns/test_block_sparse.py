@@ -14,19 +14,13 @@ from attnlab.patterns.block_sparse import BlockSparse
 from attnlab.patterns.layout import Tiling
 from attnlab.patterns.sinks import Sinks
 from attnlab.patterns.sliding_window import SlidingWindow
+from attnlab.geometry import index_grid
 from attnlab.testing import check_pattern_layout, dense_mask, make_geometry, neighbor_set
 
 TILES_1D = [(1, 1), (3, 4), (5, 2), (7, 7), (16, 3)]
 TILES_2D = [((2, 2), (3, 2)), ((1, 3), (2, 2)), ((3, 3), (1, 1))]
 
 
-def _bhqk(g):
-    return (
-        torch.arange(g.batch).view(-1, 1, 1, 1),
-        torch.arange(g.q_heads).view(1, -1, 1, 1),
-        torch.arange(g.q_len).view(1, 1, -1, 1),
-        torch.arange(g.kv_len).view(1, 1, 1, -1),
-    )
 
 
 def _ones(*shape: int) -> torch.Tensor:
@@ -64,7 +58,7 @@ def test_per_head_and_batch_broadcast():
     lay[0, 2] = True
     p = BlockSparse(lay, 2)
     p.validate(g)
-    m = p.mask(*_bhqk(g), g)
+    m = p.mask(*index_grid(g), g)
     assert m.shape == (1, 3, 6, 6)
     assert m[0, 0, 5].nonzero().flatten().tolist() == [0, 1]
     assert m[0, 1, 5].nonzero().flatten().tolist() == [4, 5]
@@ -74,10 +68,10 @@ def test_per_head_and_batch_broadcast():
     assert torch.equal(bl.any, lay) and torch.equal(bl.full, lay)  # tiles == blocks
     p2 = BlockSparse(_random_layout((2, 1, 3, 3), 0), 2)
     p2.validate(g)
-    assert p2.mask(*_bhqk(g), g).shape == (2, 1, 6, 6)
+    assert p2.mask(*index_grid(g), g).shape == (2, 1, 6, 6)
     assert p2.block_layout(Tiling(g, (4,), (1,))).any.shape == (2, 1, 2, 6)
     p3 = BlockSparse(_random_layout((3, 3), 1), 2)
-    assert p3.mask(*_bhqk(g), g).shape == (1, 1, 6, 6)
+    assert p3.mask(*index_grid(g), g).shape == (1, 1, 6, 6)
 
 
 def test_layout_counts_rectangles():

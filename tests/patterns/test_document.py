@@ -12,19 +12,13 @@ from attnlab.patterns.document import Document, PrefixLM
 from attnlab.patterns.layout import Tiling
 from attnlab.patterns.sinks import Sinks
 from attnlab.patterns.sliding_window import SlidingWindow
+from attnlab.geometry import index_grid
 from attnlab.testing import check_pattern_layout, dense_mask, make_geometry, neighbor_set
 
 TILES_1D = [(1, 1), (3, 4), (5, 2), (7, 7), (16, 3)]
 TILES_2D = [((2, 2), (3, 2)), ((1, 3), (2, 2)), ((3, 3), (1, 1))]
 
 
-def _bhqk(g):
-    return (
-        torch.arange(g.batch).view(-1, 1, 1, 1),
-        torch.arange(g.q_heads).view(1, -1, 1, 1),
-        torch.arange(g.q_len).view(1, 1, -1, 1),
-        torch.arange(g.kv_len).view(1, 1, 1, -1),
-    )
 
 
 def _z(*shape: int) -> torch.Tensor:
@@ -50,7 +44,7 @@ def test_document_values():
 def test_document_batched_and_cross():
     g = make_geometry((4,), batch=2, q_heads=3)
     p = Document(torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]))
-    m = p.mask(*_bhqk(g), g)
+    m = p.mask(*index_grid(g), g)
     assert m.shape == (2, 1, 4, 4)  # depends on the batch, not the head
     assert m[0, 0, 1].nonzero().flatten().tolist() == [0, 1]
     assert m[1, 0, 1].nonzero().flatten().tolist() == [1, 2, 3]
@@ -58,7 +52,7 @@ def test_document_batched_and_cross():
     p = Document(torch.tensor([0, 1], dtype=torch.int32), kv_ids=torch.tensor([0, 0, 1, 1, 1]))
     p.validate(g)
     assert neighbor_set(p, g, 0) == {0, 1} and neighbor_set(p, g, 1) == {2, 3, 4}
-    assert p.mask(*_bhqk(g), g).shape == (1, 1, 2, 5)
+    assert p.mask(*index_grid(g), g).shape == (1, 1, 2, 5)
     assert not p.may_have_empty_rows(g)
     assert Document(torch.tensor([0, 3]), torch.tensor([0, 0, 1])).may_have_empty_rows(g)
 
@@ -67,7 +61,7 @@ def test_document_batch_of_one_broadcasts():
     g = make_geometry((4,), batch=3)
     p = Document(torch.tensor([[0, 0, 1, 1]], dtype=torch.uint8))
     p.validate(g)
-    assert p.mask(*_bhqk(g), g).shape == (1, 1, 4, 4)
+    assert p.mask(*index_grid(g), g).shape == (1, 1, 4, 4)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -115,7 +109,7 @@ def test_prefix_lm_values():
     assert neighbor_set(p, make_geometry((2,), (6,)), 0) == {0, 1, 2, 3, 4}  # aligned position 4
     g = make_geometry((4,), batch=2, q_heads=3)
     p = PrefixLM(torch.tensor([1, 4]))
-    m = p.mask(*_bhqk(g), g)
+    m = p.mask(*index_grid(g), g)
     assert m.shape == (2, 1, 4, 4)
     assert m[0, 0, 0].nonzero().flatten().tolist() == [0]
     assert m[1, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3]

@@ -12,6 +12,7 @@ from attnlab.patterns.layout import Tiling
 from attnlab.patterns.sinks import GlobalTokens, Sinks
 from attnlab.patterns.sliding_window import SlidingWindow
 from attnlab.patterns.strided import Strided
+from attnlab.geometry import index_grid
 from attnlab.testing import check_pattern_layout, dense_mask, make_geometry, neighbor_set
 
 TILES_1D = [(1, 1), (3, 4), (5, 2), (7, 7), (16, 3), (64, 64)]
@@ -20,12 +21,6 @@ GRIDS = [((4, 5), (4, 5)), ((3, 5), (4, 6)), ((5, 4), (2, 3))]
 TILES_2D = [((2, 2), (3, 2)), ((1, 3), (2, 2)), ((3, 3), (1, 1))]
 
 
-def _bhqk(g):
-    b = torch.arange(g.batch).view(-1, 1, 1, 1)
-    h = torch.arange(g.q_heads).view(1, -1, 1, 1)
-    q = torch.arange(g.q_len).view(1, 1, -1, 1)
-    k = torch.arange(g.kv_len).view(1, 1, 1, -1)
-    return b, h, q, k
 
 
 def check_everywhere(pattern, exact_1d: bool, exact_nd: bool = False, batch=2, heads=4):
@@ -92,7 +87,7 @@ def test_sliding_window_layout_is_sparse_and_broadcast():
     assert lay.any.shape == (1, 1, 8, 8)
     assert lay.any.sum() == 8 + 7  # diagonal and first sub-diagonal tiles
     assert lay.full.sum() == 0  # an 8-wide causal window never covers a whole 8x8 tile
-    m = SlidingWindow(7).mask(*_bhqk(g), g)
+    m = SlidingWindow(7).mask(*index_grid(g), g)
     assert m.shape == (1, 1, 64, 64) and m.dtype == torch.bool
 
 
@@ -109,7 +104,7 @@ def test_strided_relative_values():
 def test_strided_shard_values_and_head_dependence():
     g = make_geometry((3,), (5,), q_heads=4)
     p = Strided(2, mode="shard")
-    m = p.mask(*_bhqk(g), g)
+    m = p.mask(*index_grid(g), g)
     assert m.shape == (1, 4, 3, 5)  # depends on the head, not on the batch
     seen = [set(m[0, h, 0].nonzero().flatten().tolist()) for h in range(4)]
     assert seen == [{0, 2, 4}, {1, 3}, {0, 2, 4}, {1, 3}]
@@ -145,7 +140,7 @@ def test_sinks_values_and_union():
     assert neighbor_set(SlidingWindow(1) | Sinks(2), g, 4) == {0, 1, 3, 4}
     assert neighbor_set(Sinks(0), g, 3) == set()
     assert Sinks(0).may_have_empty_rows(g) and not Sinks(1).may_have_empty_rows(g)
-    m = Sinks(2).mask(*_bhqk(make_geometry((5,), batch=2, q_heads=3)), g)
+    m = Sinks(2).mask(*index_grid(make_geometry((5,), batch=2, q_heads=3)), g)
     assert m.shape == (1, 1, 5, 5)
 
 

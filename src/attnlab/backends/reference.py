@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..geometry import Geometry, check_qkv, check_scale
+from ..geometry import Geometry, check_qkv, check_scale, index_grid
 from ..patterns.base import Pattern, as_pattern
 from ..scores.base import ScoreContext, ScoreMod, as_score_mod
 
@@ -64,11 +64,7 @@ def reference_logits(
     if Hq != Hkv:
         kf = kf.repeat_interleave(Hq // Hkv, dim=1)
     logits = scale * (qf @ kf.transpose(-1, -2))
-    dev = q.device
-    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    h = torch.arange(Hq, device=dev).view(1, Hq, 1, 1)
-    qi = torch.arange(g.q_len, device=dev).view(1, 1, -1, 1)
-    ki = torch.arange(g.kv_len, device=dev).view(1, 1, 1, -1)
+    b, h, qi, ki = index_grid(g)
     if score_mod is not None:
         ctx = ScoreContext(b, h, qi, ki, g, query=qf if score_mod.needs_query else None)
         logits = score_mod.modify(logits, ctx)

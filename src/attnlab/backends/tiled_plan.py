@@ -52,23 +52,6 @@ class TiledPlan:
         g = self.geometry
         return (g.group_size if self.fold_heads else 1) * self.tiling.q_tile_size
 
-    @property
-    def compute_batch(self) -> int:
-        """Batch elements computed per plan row."""
-        return 1 if self.batch_in_rows else self.geometry.batch
-
-    @property
-    def compute_heads(self) -> int:
-        """Head slots computed per plan row (key/value heads when folded)."""
-        return self.geometry.kv_heads if self.fold_heads else 1
-
-    def touched_pairs(self) -> int:
-        """Query-key token pairs the plan computes per (batch, query head)."""
-        n = (self.kv_tiles >= 0).sum().item() * self.tiling.q_tile_size * self.tiling.kv_tile_size
-        heads = 1 if self.fold_heads else self.geometry.q_heads
-        rows_b = self.geometry.batch if self.batch_in_rows else 1
-        return n // (heads * rows_b)
-
 
 def build_plan(
     pattern: Pattern,
