@@ -23,11 +23,31 @@ def test_list_json_and_family(capsys):
     assert all(set(r) >= {"name", "family", "paper", "exact", "backends"} for r in rows)
 
 
-def test_bench_passes_options_to_the_kernel_benchmark(monkeypatch):
+def test_bench_passes_options_to_the_suite(monkeypatch, tmp_path, capsys):
+    from attnlab.bench import suite
+
     seen = {}
-    monkeypatch.setattr("attnlab.bench.kernels.main", lambda argv: seen.setdefault("argv", argv) and 0)
-    cli.main(["bench", "--repeats", "5"])
-    assert seen["argv"] == ["--repeats", "5", "--device", "cpu", "--quick"]
+
+    def fake_run(opts):
+        seen["opts"] = opts
+        return suite.BenchOutcome([], 0, tmp_path)
+
+    monkeypatch.setattr(suite, "run_bench", fake_run)
+    monkeypatch.setattr("attnlab.bench.report.summary_table", lambda records: "TABLE")
+    argv = ["bench", "--suite", "efficiency", "--mechanisms", "full,causal", "--lengths", "64,128",
+            "--peers", "", "--repeats", "5", "--out", str(tmp_path), "--resume", "--full"]
+    assert cli.main(argv) == 0
+    o = seen["opts"]
+    assert (o.suite, o.preset, o.repeats, o.resume) == ("efficiency", "full", 5, True)
+    assert o.mechanisms == ["full", "causal"] and o.lengths == [64, 128] and o.peers == []
+    assert "TABLE" in capsys.readouterr().out
+
+
+def test_bench_reports_bad_options_as_errors(capsys, tmp_path):
+    assert cli.main(["bench", "--mechanisms", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown mechanism" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--lengths", "a,b"])
 
 
 def test_unknown_command_exits():

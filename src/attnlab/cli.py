@@ -1,7 +1,7 @@
 """The ``attnlab`` command.
 
     attnlab list [--family core] [--json]     the catalog
-    attnlab bench [--full] [--repeats N]      attnlab against its peers (quick by default)
+    attnlab bench [--suite S] [--full] ...    every mechanism against its peers, with a report
 """
 
 from __future__ import annotations
@@ -23,15 +23,42 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import kernels
+def _csv(kind: type):
+    def parse(text: str):
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
 
-    argv = ["--repeats", str(args.repeats), "--device", args.device]
-    if not args.full:
-        argv.append("--quick")
-    if args.json:
-        argv += ["--json", args.json]
-    return kernels.main(argv)
+    return parse
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.store import StoreLockedError
+    from .bench.suite import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        suite=args.suite, preset="full" if args.full else "quick", mechanisms=args.mechanisms,
+        lengths=args.lengths, patterns=args.patterns, peers=args.peers, dtype=args.dtype,
+        device=args.device, repeats=args.repeats, out=args.out, resume=args.resume, tasks=args.tasks,
+        variants=args.variants, seeds=args.seeds, memory_limit_gib=args.memory_limit_gib,
+        report=not args.no_report,
+    )
+    try:
+        outcome = run_bench(opts)
+    except (ValueError, TypeError, StoreLockedError) as e:
+        print(f"attnlab bench: error: {e}", file=sys.stderr)
+        return 2
+    from .bench.report import summary_table
+
+    print(summary_table(outcome.records))
+    print(f"\n{outcome.ran} measurements run now, {len(outcome.records)} in the report; "
+          f"results: {outcome.out / 'results.jsonl'}")
+    if outcome.skipped_peers:
+        print(f"peers not run: {', '.join(outcome.skipped_peers)} (--full runs every peer; --peers chooses)")
+    if outcome.report is not None:
+        print(f"report: {outcome.report}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--family", default=None, help="only this family (e.g. core)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pl.set_defaults(func=_cmd_list)
-    pb = sub.add_parser("bench", help="benchmark attnlab against SDPA, FlexAttention and NATTEN")
-    pb.add_argument("--full", action="store_true", help="the issue's full sizes (several minutes)")
-    pb.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
+    pb = sub.add_parser("bench", help="every mechanism against its peers: efficiency and quality, with a report",
+                        description="Benchmark every registered mechanism against its peers (efficiency) and "
+                        "train small models with them (quality); results go to OUT/results.jsonl and "
+                        "OUT/report.html. The default is a quick first look (about 3 minutes on 2 CPU cores).")
+    pb.add_argument("--suite", default="all", choices=["efficiency", "quality", "all"])
+    pb.add_argument("--full", action="store_true",
+                    help="all four CAB patterns, lengths 256..16384, every peer, the full quality preset")
+    pb.add_argument("--mechanisms", type=_csv(str), metavar="A,B", help="catalog names (default: all; see attnlab list)")
+    pb.add_argument("--lengths", type=_csv(int), metavar="L1,L2", help="query lengths of the sweep")
+    pb.add_argument("--patterns", type=_csv(str), metavar="P,..",
+                    help="CAB patterns: noncausal-self, causal-self, noncausal-cross, causal-cross")
+    pb.add_argument("--peers", type=_csv(str), metavar="P,..",
+                    help="peers to run: sdpa_dense, flex_eager, flex_compiled, natten, local_attention, fla_naive "
+                    "(empty string: none)")
+    pb.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
     pb.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    pb.add_argument("--json", default=None, metavar="PATH", help="also write figures as JSON")
+    pb.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
+    pb.add_argument("--out", default="attnlab-bench", help="output folder (results.jsonl, report.html, PNGs)")
+    pb.add_argument("--resume", action="store_true", help="run only what OUT/results.jsonl does not hold yet")
+    pb.add_argument("--tasks", type=_csv(str), metavar="T,..",
+                    help="quality tasks: mqar, selective_copy, digits, bach_chorales")
+    pb.add_argument("--variants", type=_csv(str), metavar="V,..", help="quality variants (default: each task's)")
+    pb.add_argument("--seeds", type=_csv(int), metavar="S,..", help="quality seeds")
+    pb.add_argument("--memory-limit-gib", type=float, default=None,
+                    help="skip dense peers that would need more (default: half the free memory, at most 16)")
+    pb.add_argument("--no-report", action="store_true", help="do not write report.html and the plots")
     pb.set_defaults(func=_cmd_bench)
     return p
 
