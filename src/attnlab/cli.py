@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--patterns", type=_csv(str), metavar="P,..",
                     help="CAB patterns: noncausal-self, causal-self, noncausal-cross, causal-cross")
     pb.add_argument("--peers", type=_csv(str), metavar="P,..",
-                    help="peers to run: sdpa_dense, flex_eager, flex_compiled, natten, local_attention, fla_naive "
+                    help="peers to run: sdpa_dense, sdpa_fast, flex_eager, flex_compiled, natten, local_attention, fla_naive "
                     "(empty string: none)")
     pb.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
     pb.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

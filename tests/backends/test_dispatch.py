@@ -362,3 +362,29 @@ def test_flex_float64_lse_dtype():
     assert rel_error(out, ref) <= 1e-10
     assert lse.dtype == torch.float64
     assert rel_error(lse, ref_lse) <= 1e-10
+
+
+def test_compiled_flex_on_cpu_refuses_return_lse_with_a_reason():
+    q = torch.randn(1, 1, 16, 8)
+    why = al.explain(q, q, q, al.Causal(), return_lse=True, options={"allow_cpu": True}).reasons["flex"]
+    assert any("log-sum-exp" in r for r in why)
+
+
+def test_flex_raises_dynamos_recompile_limit_only_inside_the_call():
+    from attnlab.backends import flex
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    with flex._recompile_limit():
+        assert getattr(config, name) >= flex.RECOMPILE_LIMIT
+    assert getattr(config, name) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", [al.SlidingWindow(8) | al.Sinks(3), al.Strided(4, mode="shard") & al.Causal()],
+                         ids=["sinks", "shards"])
+def test_compiled_flex_on_cpu_compiles_masks_of_broadcast_patterns(pattern):
+    q, k, v = (torch.randn(1, 4, 96, 16) for _ in range(3))
+    out = al.attention(q, k, v, pattern, backend="flex", options={"allow_cpu": True})
+    torch.testing.assert_close(out, al.attention(q, k, v, pattern, backend="reference"), atol=1e-5, rtol=1e-5)

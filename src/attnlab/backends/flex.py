@@ -40,6 +40,23 @@ def flex_tile(ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(tile)
 
 
+RECOMPILE_LIMIT = 256
+
+
+def _recompile_limit():
+    """A context raising Dynamo's per-function recompile limit (default 8) while attnlab calls
+    its compiled ``flex_attention``: every pattern, score mod and shape is one more compiled
+    entry of that one function, and past the limit Dynamo silently runs it eagerly (dense
+    scores, L x S memory)."""
+    import contextlib
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if not hasattr(config, name) or getattr(config, name) >= RECOMPILE_LIMIT:
+        return contextlib.nullcontext()
+    return config.patch({name: RECOMPILE_LIMIT})
+
+
 def _flex_fn(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -68,6 +85,8 @@ class FlexBackend(Backend):
                 )
             if problem.requires_grad:
                 why.append("flex: FlexAttention has no backward on CPU")
+            if problem.return_lse and problem.options.get("compile", True):
+                why.append("flex: compiled FlexAttention on CPU cannot return the log-sum-exp")
         elif problem.device.type != "cuda":
             why.append(f"flex: runs on CUDA (and CPU on request), not {problem.device.type}")
         if problem.score_mod is not None and problem.score_mod.needs_query:
@@ -110,14 +129,17 @@ class FlexBackend(Backend):
         v = _kv_tile_order(problem.v, tiling)
         fn = _flex_fn(problem.options.get("compile", True))
         kwargs = {"enable_gqa": True} if g.q_heads != g.kv_heads else {}
-        out, lse = fn(
-            q, k, v, score_mod=score_fn, block_mask=block_mask, scale=problem.scale,
-            return_lse=True, **kwargs,
-        )
+        if problem.return_lse:
+            kwargs["return_lse"] = True
+        with _recompile_limit():
+            res = fn(q, k, v, score_mod=score_fn, block_mask=block_mask, scale=problem.scale, **kwargs)
+        out, lse = res if problem.return_lse else (res, None)
         nq = tiling.num_q_tiles
         out = from_tiles(out.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size, -1), tiling, False)
-        lse = from_tiles(lse.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size), tiling, False)
-        return out.to(problem.dtype), lse.to(torch.float64 if problem.dtype == torch.float64 else torch.float32)
+        if lse is not None:
+            lse = from_tiles(lse.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size), tiling, False)
+            lse = lse.to(torch.float64 if problem.dtype == torch.float64 else torch.float32)
+        return out.to(problem.dtype), lse
 
 
 def _kv_tile_order(x: torch.Tensor, tiling: Tiling) -> torch.Tensor:

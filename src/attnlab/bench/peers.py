@@ -167,6 +167,22 @@ class SDPADense(Impl):
         return Prepared(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), note=note)
 
 
+class SDPADenseFast(Impl):
+    """``scaled_dot_product_attention`` *without* the pattern: no mask, or ``is_causal=True``
+    for causal self attention. This is what ignoring the sparsity costs with PyTorch's fastest
+    dense kernels (FlashAttention-2 on CUDA, "FlashAttention-2: Faster Attention with Better
+    Parallelism and Work Partitioning", 2023). It does not compute the mechanism's function:
+    a cost baseline only. Causal cross attention runs unmasked (SDPA's ``is_causal`` aligns
+    top-left, attnlab bottom-right)."""
+
+    name = "sdpa_fast"
+
+    def prepare(self, case: Case) -> Prepared:
+        causal = case.measurement.pattern == "causal-self"
+        return Prepared(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                        note="dense, without the pattern: cost baseline")
+
+
 def _flex_backward_reason(case: Case) -> str | None:
     return "no backward on CPU" if case.device.type == "cpu" else None
 
@@ -333,7 +349,7 @@ class FlaNaive(Impl):
 
 def default_impls() -> list[Impl]:
     """attnlab first, then every peer, in the order the report lists them."""
-    return [Attnlab(), SDPADense(), FlexEager(), FlexCompiled(), Natten(), LocalAttention(), FlaNaive()]
+    return [Attnlab(), SDPADense(), SDPADenseFast(), FlexEager(), FlexCompiled(), Natten(), LocalAttention(), FlaNaive()]
 
 
 PEER_NAMES: tuple[str, ...] = tuple(i.name for i in default_impls()[1:])

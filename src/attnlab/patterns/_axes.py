@@ -200,3 +200,12 @@ class AxisProduct(Pattern):
     def __repr__(self) -> str:
         args = ", ".join(f"{a}={getattr(self, a)!r}" for a in self._args)
         return f"{type(self).__name__}({args})"
+
+
+def broadcast_mask(mask: torch.Tensor, *shapes: torch.Size) -> torch.Tensor:
+    """``mask`` broadcast to the common shape of itself and ``shapes``; unchanged when it has
+    that shape already (FlexAttention calls masks on 0-d indices, and Inductor's CPU lowering
+    rejects an ``expand`` to ``()``)."""
+    target = torch.broadcast_shapes(mask.shape, *shapes)
+    return mask if mask.shape == target else torch.broadcast_to(mask, target)
+

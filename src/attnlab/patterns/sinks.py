@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import Geometry
+from ._axes import broadcast_mask
 from .base import Pattern
 from .layout import BlockLayout, Tiling
 from .._checks import check_int
@@ -35,7 +36,7 @@ class Sinks(Pattern):
         geometry: Geometry,
     ) -> torch.Tensor:
         out = kv_idx < self.num_sinks
-        return torch.broadcast_to(out, torch.broadcast_shapes(q_idx.shape, kv_idx.shape))
+        return broadcast_mask(out, q_idx.shape)
 
     def block_layout(self, tiling: Tiling) -> BlockLayout:
         kv_lo, kv_hi, _ = tiling.kv_flat_bounds

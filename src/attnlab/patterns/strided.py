@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import Geometry
+from ._axes import broadcast_mask
 from .base import Pattern
 from .layout import BlockLayout, Tiling
 from .._checks import check_int
@@ -55,7 +56,7 @@ class Strided(Pattern):
             return torch.remainder(d, self.stride) == 0
         h = torch.as_tensor(h, device=kv_idx.device)
         out = torch.remainder(kv_idx, self.stride) == torch.remainder(h, self.stride)
-        return torch.broadcast_to(out, torch.broadcast_shapes(out.shape, q_idx.shape))
+        return broadcast_mask(out, q_idx.shape)
 
     def block_layout(self, tiling: Tiling) -> BlockLayout:
         kv_lo, kv_hi, _ = tiling.kv_flat_bounds
