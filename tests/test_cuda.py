@@ -9,6 +9,7 @@ import torch
 
 import attnlab as al
 from attnlab import registry
+from attnlab.api import BackendUnavailable
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -41,7 +42,7 @@ def _check(mech, shape, dtype, backend):
         score_mod = score_mod.to("cuda", torch.float32)
     try:
         out = al.attention(*gpu, pattern, score_mod, backend=backend)
-    except al.BackendUnavailable as e:
+    except BackendUnavailable as e:
         pytest.skip(f"{backend} cannot run {mech.name}: {e}")
     grads = torch.autograd.grad(out, gpu, grad.to("cuda", dtype))
     out_tol, grad_tol = TOL[dtype]

@@ -11,6 +11,9 @@ because it compiles per shape and has no backward there.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 
 from ..patterns.layout import Tiling
@@ -99,47 +102,98 @@ class FlexBackend(Backend):
         return why
 
     def run(self, problem: Problem):
-        from torch.nn.attention.flex_attention import BlockMask
-
         g = problem.geometry
-        tile = flex_tile(g.ndim, g.q_shape)
-        kv_tile = flex_tile(g.ndim, g.kv_shape)
-        tiling = Tiling(g, tile, kv_tile)
-        q_index = tiling.q_token_index.reshape(-1)
-        kv_index = tiling.kv_token_index.reshape(-1)
-        pattern, geom = problem.pattern, g
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            qi, ki = q_index[q_idx], kv_index[kv_idx]
-            ok = (qi >= 0) & (ki >= 0)
-            return ok & pattern.mask(b, h, qi.clamp(min=0), ki.clamp(min=0), geom)
-
+        plan = _cached_flex_plan(problem.pattern, g)
         score_fn = None
         if problem.score_mod is not None:
             inner = problem.score_mod.as_score_mod(g)
+            if plan.in_place:
+                score_fn = inner
+            else:
+                q_index, kv_index = plan.q_index, plan.kv_index
 
-            def remapped_score_mod(score, b, h, q_idx, kv_idx):
-                return inner(score, b, h, q_index[q_idx].clamp(min=0), kv_index[kv_idx].clamp(min=0))
+                def score_fn(score, b, h, q_idx, kv_idx):
+                    return inner(score, b, h, q_index[q_idx].clamp(min=0), kv_index[kv_idx].clamp(min=0))
 
-            score_fn = remapped_score_mod
-
-        block_mask = _block_mask(BlockMask, problem.pattern, tiling, mask_mod)
-        q = to_tiles(problem.q, tiling, fold_heads=False).flatten(2, 3)
-        k = _kv_tile_order(problem.k, tiling)
-        v = _kv_tile_order(problem.v, tiling)
+        tiling = plan.tiling
+        if plan.in_place:
+            q, k, v = problem.q, problem.k, problem.v
+        else:
+            q = to_tiles(problem.q, tiling, fold_heads=False).flatten(2, 3)
+            k = _kv_tile_order(problem.k, tiling)
+            v = _kv_tile_order(problem.v, tiling)
         fn = _flex_fn(problem.options.get("compile", True))
         kwargs = {"enable_gqa": True} if g.q_heads != g.kv_heads else {}
         if problem.return_lse:
             kwargs["return_lse"] = True
         with _recompile_limit():
-            res = fn(q, k, v, score_mod=score_fn, block_mask=block_mask, scale=problem.scale, **kwargs)
+            res = fn(q, k, v, score_mod=score_fn, block_mask=plan.block_mask, scale=problem.scale, **kwargs)
         out, lse = res if problem.return_lse else (res, None)
-        nq = tiling.num_q_tiles
-        out = from_tiles(out.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size, -1), tiling, False)
+        if not plan.in_place:
+            nq = tiling.num_q_tiles
+            out = from_tiles(out.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size, -1), tiling, False)
+            if lse is not None:
+                lse = from_tiles(lse.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size), tiling, False)
         if lse is not None:
-            lse = from_tiles(lse.reshape(g.batch, g.q_heads, nq, tiling.q_tile_size), tiling, False)
             lse = lse.to(torch.float64 if problem.dtype == torch.float64 else torch.float32)
         return out.to(problem.dtype), lse
+
+
+@dataclass
+class FlexPlan:
+    """The BlockMask of one (pattern, geometry). ``in_place``: tokens stay in their own order
+    (1-D: tiles are consecutive tokens and FlexAttention pads the last one itself); otherwise
+    inputs are gathered into tile order and ``q_index``/``kv_index`` map back."""
+
+    tiling: Tiling
+    block_mask: object
+    in_place: bool
+    q_index: torch.Tensor
+    kv_index: torch.Tensor
+
+
+_FLEX_PLANS: "OrderedDict[tuple, FlexPlan]" = OrderedDict()
+FLEX_PLAN_CACHE_SIZE = 8
+
+
+def _cached_flex_plan(pattern, g) -> FlexPlan:
+    """:func:`_flex_plan`, reused across calls for patterns with a ``cache_key`` (LRU)."""
+    key = pattern.cache_key()
+    if key is None:
+        return _flex_plan(pattern, g)
+    key = (key, g)
+    plan = _FLEX_PLANS.get(key)
+    if plan is None:
+        plan = _FLEX_PLANS[key] = _flex_plan(pattern, g)
+        while len(_FLEX_PLANS) > FLEX_PLAN_CACHE_SIZE:
+            _FLEX_PLANS.popitem(last=False)
+    _FLEX_PLANS.move_to_end(key)
+    return plan
+
+
+def _flex_plan(pattern, g) -> FlexPlan:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    tiling = Tiling(g, flex_tile(g.ndim, g.q_shape), flex_tile(g.ndim, g.kv_shape))
+    q_index = tiling.q_token_index.reshape(-1)
+    kv_index = tiling.kv_token_index.reshape(-1)
+    in_place = g.ndim == 1 and "seq_lengths" in BlockMask.from_kv_blocks.__code__.co_varnames
+    if in_place:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return pattern.mask(b, h, q_idx, kv_idx, g)
+        seq = (g.q_len, g.kv_len)
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            qi, ki = q_index[q_idx], kv_index[kv_idx]
+            ok = (qi >= 0) & (ki >= 0)
+            return ok & pattern.mask(b, h, qi.clamp(min=0), ki.clamp(min=0), g)
+        seq = (tiling.num_q_tiles * tiling.q_tile_size, tiling.num_kv_tiles * tiling.kv_tile_size)
+    return FlexPlan(tiling, _block_mask(BlockMask, pattern, tiling, mask_mod, seq), in_place, q_index, kv_index)
+
+
+def clear_flex_plan_cache() -> None:
+    """Drop every cached BlockMask."""
+    _FLEX_PLANS.clear()
 
 
 def _kv_tile_order(x: torch.Tensor, tiling: Tiling) -> torch.Tensor:
@@ -151,7 +205,7 @@ def _kv_tile_order(x: torch.Tensor, tiling: Tiling) -> torch.Tensor:
     return out * (idx >= 0).view(1, 1, -1, 1).to(out.dtype)
 
 
-def _block_mask(BlockMask, pattern, tiling: Tiling, mask_mod):
+def _block_mask(BlockMask, pattern, tiling: Tiling, mask_mod, seq_lengths: tuple[int, int]):
     layout = pattern.block_layout(tiling)
     any_ = layout.any
     full = layout.full & tiling.kv_tile_complete & any_
@@ -165,14 +219,10 @@ def _block_mask(BlockMask, pattern, tiling: Tiling, mask_mod):
 
     kv_num, kv_idx = to_lists(partial)
     full_num, full_idx = to_lists(full)
-    seq = (tiling.num_q_tiles * tiling.q_tile_size, tiling.num_kv_tiles * tiling.kv_tile_size)
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx,
-        BLOCK_SIZE=(tiling.q_tile_size, tiling.kv_tile_size), mask_mod=mask_mod, seq_lengths=seq,
-    ) if "seq_lengths" in BlockMask.from_kv_blocks.__code__.co_varnames else BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx,
-        BLOCK_SIZE=(tiling.q_tile_size, tiling.kv_tile_size), mask_mod=mask_mod,
-    )
+    kwargs = dict(BLOCK_SIZE=(tiling.q_tile_size, tiling.kv_tile_size), mask_mod=mask_mod)
+    if "seq_lengths" in BlockMask.from_kv_blocks.__code__.co_varnames:
+        kwargs["seq_lengths"] = seq_lengths
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kwargs)
 
 
-__all__ = ["FlexBackend", "flex_available", "flex_tile"]
+__all__ = ["FlexBackend", "clear_flex_plan_cache", "flex_available", "flex_tile"]
