@@ -76,3 +76,11 @@ def test_empty_rows_on_cuda_are_zero_with_zero_gradients():
     out = al.attention(*gpu, pattern, backend="tiled")
     out.sum().backward()
     assert out.abs().max() == 0 and all(x.grad.abs().max() == 0 for x in gpu)
+
+
+@pytest.mark.parametrize("name", ["sliding_window", "neighborhood", "alibi"])
+def test_sequences_shorter_than_two_flex_blocks_on_cuda(name):
+    q = torch.randn(1, 2, 75, 64, device="cuda")
+    pattern, score_mod = registry.get(name).example((75,), 2)
+    assert "flex" not in al.explain(q, q, q, pattern, score_mod).backend
+    _check(registry.get(name), (75,), torch.float32, "auto")

@@ -33,14 +33,23 @@ def flex_available() -> bool:
 
 
 def flex_tile(ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A box of FLEX_BLOCK tokens (fewer if the grid is smaller), last axis widest."""
+    """A box of exactly FLEX_BLOCK tokens with power-of-two sides (the compiled kernels need
+    block sizes divisible by their BLOCK_M/BLOCK_N), shaped to the grid: the side with the most
+    room left doubles first; sides may exceed a short axis (the tile is padded)."""
+    room = [1 << max(0, (n - 1).bit_length()) for n in shape]  # next power of two per axis
     tile = [1] * ndim
-    remaining = FLEX_BLOCK
-    for ax in range(ndim - 1, -1, -1):
-        side = min(shape[ax], remaining if ax == 0 else max(1, round(remaining ** (1 / (ax + 1)))))
-        tile[ax] = side
-        remaining = max(1, remaining // side)
+    while _prod(tile) < FLEX_BLOCK:
+        open_axes = [ax for ax in range(ndim) if tile[ax] < room[ax]]
+        ax = max(open_axes, key=lambda a: (room[a] // tile[a], a)) if open_axes else ndim - 1
+        tile[ax] *= 2
     return tuple(tile)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
 
 
 RECOMPILE_LIMIT = 256
@@ -90,6 +99,11 @@ class FlexBackend(Backend):
                 why.append("flex: FlexAttention has no backward on CPU")
             if problem.return_lse and problem.options.get("compile", True):
                 why.append("flex: compiled FlexAttention on CPU cannot return the log-sum-exp")
+        elif problem.device.type == "cuda" and min(problem.geometry.q_len, problem.geometry.kv_len) < 2 * FLEX_BLOCK:
+            why.append(
+                f"flex: on CUDA, sequences shorter than {2 * FLEX_BLOCK} tokens go elsewhere (the compiled "
+                "kernels found no configuration for a single block: torch 2.11, H100)"
+            )
         elif problem.device.type != "cuda":
             why.append(f"flex: runs on CUDA (and CPU on request), not {problem.device.type}")
         if problem.score_mod is not None and problem.score_mod.needs_query:
@@ -177,7 +191,10 @@ def _flex_plan(pattern, g) -> FlexPlan:
     tiling = Tiling(g, flex_tile(g.ndim, g.q_shape), flex_tile(g.ndim, g.kv_shape))
     q_index = tiling.q_token_index.reshape(-1)
     kv_index = tiling.kv_token_index.reshape(-1)
-    in_place = g.ndim == 1 and "seq_lengths" in BlockMask.from_kv_blocks.__code__.co_varnames
+    # in place when 1-D; not for a sequence shorter than one block (the compiled CUDA kernel
+    # finds no configuration for it), which is padded to a whole tile instead
+    in_place = (g.ndim == 1 and min(g.q_len, g.kv_len) >= FLEX_BLOCK
+                and "seq_lengths" in BlockMask.from_kv_blocks.__code__.co_varnames)
     if in_place:
         def mask_mod(b, h, q_idx, kv_idx):
             return pattern.mask(b, h, q_idx, kv_idx, g)
