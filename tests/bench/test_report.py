@@ -37,6 +37,7 @@ ENV = {
     "commit": "0123456789abcdef0123456789abcdef01234567",
 }
 PATTERNS = ("noncausal-self", "causal-self", "noncausal-cross", "causal-cross")
+FAST_NOTE = "dense, without the pattern: cost baseline"  # sdpa_fast's result["reason"]
 
 
 # --------------------------------------------------------------------------- record builders
@@ -138,12 +139,22 @@ def qual(
 
 
 def series(
-    mechanism: str, att: dict[int, float], dense: dict[int, float], **kw: Any
+    mechanism: str,
+    att: dict[int, float],
+    dense: dict[int, float],
+    fast: dict[int, float] | None = None,
+    **kw: Any,
 ) -> list[dict]:
-    """attnlab and sdpa_dense fwd+bwd times per length."""
-    return [eff(mechanism, L, fwd=t / 3, fwdbwd=t, **kw) for L, t in att.items()] + [
-        eff(mechanism, L, "sdpa_dense", fwd=t / 3, fwdbwd=t, **kw) for L, t in dense.items()
+    """attnlab and sdpa_dense (and sdpa_fast, given ``fast``) fwd+bwd times per length."""
+    fast_recs = [
+        eff(mechanism, L, "sdpa_fast", fwd=t / 3, fwdbwd=t, reason=FAST_NOTE, **kw)
+        for L, t in (fast or {}).items()
     ]
+    return (
+        [eff(mechanism, L, fwd=t / 3, fwdbwd=t, **kw) for L, t in att.items()]
+        + [eff(mechanism, L, "sdpa_dense", fwd=t / 3, fwdbwd=t, **kw) for L, t in dense.items()]
+        + fast_recs
+    )
 
 
 # the mechanisms of the synthetic sweep: (name, visible fraction at L, causal-only, cross)
@@ -499,6 +510,29 @@ def test_crossover_keys_separate_patterns_dtypes_devices() -> None:
     }
 
 
+def test_crossover_against_sdpa_fast() -> None:
+    # faster than sdpa_dense from 1024, than sdpa_fast (no pattern) only from 4096
+    recs = series(
+        "m",
+        {256: 2.0, 1024: 3.0, 4096: 6.0},
+        {256: 1.0, 1024: 4.0, 4096: 40.0},
+        fast={256: 0.5, 1024: 3.5, 4096: 10.0},
+    )
+    assert crossovers(recs) == crossovers(recs, baseline="sdpa_dense") == {_key(): 1024}
+    assert crossovers(recs, baseline="sdpa_fast") == {_key(): 1024}
+    recs += [eff("m", 8192, fwd=1.0, fwdbwd=30.0), eff("m", 8192, "sdpa_fast", fwdbwd=20.0)]
+    c = crossover_details(recs, baseline="sdpa_fast")[_key()]
+    assert c.length is None and c.lost_again and c.faster == (1024, 4096)
+    assert c.compared == (256, 1024, 4096, 8192) and c.label() == "never*"
+    assert crossovers(recs)[_key()] == 1024  # no sdpa_dense at 8192: unchanged
+    # a series without sdpa_fast has no entry for that baseline
+    only_dense = series("m", {256: 1.0}, {256: 2.0})
+    assert crossovers(only_dense, baseline="sdpa_fast") == {}
+    assert crossovers(only_dense) == {_key(): 256}
+    with pytest.raises(TypeError):
+        crossovers(recs, "sdpa_fast")  # type: ignore[misc]  # keyword only
+
+
 # --------------------------------------------------------------------------- formatting, quality
 
 
@@ -584,6 +618,44 @@ def test_summary_table_numbers_and_peers() -> None:
     qline = next(ln for ln in text.splitlines() if ln.startswith("mqar"))
     assert "0.930 ± 0.020" in qline and " 3 " in qline
     assert max(len(ln) for ln in text.splitlines()) <= 125
+
+
+def _columns(text: str, first: str) -> dict[str, str]:
+    """The summary table's header names mapped to the cells of the row starting ``first``."""
+    lines = text.splitlines()
+    k = next(i for i, ln in enumerate(lines) if ln.startswith("mechanism "))
+    head, rule = lines[k], lines[k + 1]
+    row = next(ln for ln in lines[k + 2 :] if ln.startswith(first))
+    spans, i = [], 0
+    for width in map(len, rule.split("  ")):
+        spans.append((i, i + width))
+        i += width + 2
+    return {head[a:b].strip(): row[a:b].strip() for a, b in spans}
+
+
+def test_summary_table_flash_column() -> None:
+    recs = series(
+        "m",
+        {256: 2.0, 1024: 3.0, 4096: 6.0},
+        {256: 1.0, 1024: 4.0, 4096: 40.0},
+        fast={256: 0.5, 1024: 3.5, 4096: 12.0},
+    )
+    text = summary_table(recs)
+    cols = _columns(text, "m ")
+    assert cols["t/dense"] == "0.15x" and cols["t/flash"] == "0.50x"
+    assert cols["crossover"] == "1024" and cols["vs flash"] == "1024"
+    assert "t/flash: time / sdpa_fast time, SDPA without the pattern" in text
+    assert "vs flash: the same crossover against sdpa_fast" in text
+    assert "sdpa_fast: ok 3" in text
+    # the same metric rule as t/dense: forward where a side has no fwd+bwd, @L below L
+    recs = series("m", {256: 2.0, 1024: 3.0}, {256: 1.0, 1024: 6.0})
+    recs += [eff("m", 256, "sdpa_fast", fwd=2.0, reason=FAST_NOTE)]
+    cols = _columns(summary_table(recs), "m ")
+    assert cols["t/dense"] == "0.50x" and cols["t/flash"] == "0.33xf@256"
+    assert cols["vs flash"] == "<=256"
+    # without sdpa_fast records the columns are left out
+    text = summary_table(series("m", {256: 2.0}, {256: 1.0}))
+    assert "t/dense" in text and "t/flash" not in text and "vs flash" not in text
 
 
 def test_summary_table_sections_and_empty(synthetic: list[dict]) -> None:
@@ -685,6 +757,32 @@ def test_report_only_quality_or_only_efficiency(tmp_path: Path, monkeypatch) -> 
     assert "skipped 1 record(s)" in doc
 
 
+def test_report_html_compares_with_sdpa_fast(tmp_path: Path, monkeypatch) -> None:
+    from attnlab.bench import plots
+
+    monkeypatch.setattr(plots, "available", lambda: False)
+    recs = series(
+        "m",
+        {256: 2.0, 1024: 3.0, 4096: 6.0},
+        {256: 1.0, 1024: 4.0, 4096: 40.0},
+        fast={256: 0.5, 1024: 3.5, 4096: 12.0},
+    )
+    doc = write_report(recs, tmp_path / "fast").read_text()
+    _self_contained(doc)
+    for expected in (
+        "t / flash",
+        "vs flash",
+        "crossover length vs sdpa_fast: mechanisms",
+        "0.50× sdpa_fast",  # the fastest mechanism's ratio in the key findings
+        "0.50× flash",  # below attnlab's time in the per-pattern table
+        "SDPA with the pattern as a dense boolean mask (the same function)",
+        "torch SDPA without the pattern",
+    ):
+        assert expected in doc, expected
+    doc = write_report(series("m", {256: 2.0}, {256: 1.0}), tmp_path / "dense").read_text()
+    assert "t / dense" in doc and "flash" not in doc and "sdpa_fast" not in doc
+
+
 def test_write_report_with_plots(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     recs = synthetic_records(
@@ -709,6 +807,46 @@ def test_write_report_with_plots(tmp_path: Path) -> None:
     json.dumps(recs, allow_nan=False)
 
 
+def test_time_plots_draw_sdpa_fast_as_a_reference_line(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    from attnlab.bench import plots
+
+    figures = {}
+    save = plots._save
+
+    def keep(fig, path, dpi):
+        figures[path.name] = fig
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    recs = series("m", {256: 2.0, 1024: 3.0}, {256: 1.0, 1024: 4.0}, fast={256: 0.5, 1024: 2.0})
+    recs += [eff("m", L, "natten", fwd=1.0, fwdbwd=2.0) for L in (256, 1024)]
+    plots.time_vs_length(recs, tmp_path)
+
+    def legend(name: str) -> dict[str, Any]:
+        (leg,) = figures[name].legends
+        return {t.get_text(): h for t, h in zip(leg.get_texts(), leg.legend_handles)}
+
+    overview = legend("time_vs_length.png")
+    assert list(overview)[:2] == [
+        "sdpa_dense (median over mechanisms)",
+        "sdpa_fast, without the pattern (median)",
+    ]
+    assert "m · natten" in overview and "m · sdpa_fast" not in overview
+    panels = legend("time_causal-self_fwdbwd.png")
+    assert list(panels) == [
+        "attnlab",
+        "sdpa_dense (dense mask)",
+        "sdpa_fast (without the pattern)",
+        "natten",
+    ]
+    fast = panels["sdpa_fast (without the pattern)"]
+    assert fast.get_color() == "black" and fast.get_linestyle() != "-"
+    assert fast.get_color() != panels["sdpa_dense (dense mask)"].get_color()
+    pngs, _ = plots.write_plots(recs, tmp_path / "all")
+    assert any("black dashed: sdpa_fast" in caption for _, caption in pngs)
+
+
 def test_plots_skip_missing_data(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from attnlab.bench import plots
@@ -724,10 +862,12 @@ def test_modules_import_matplotlib_lazily() -> None:
 
     from attnlab.bench import plots
 
-    for mod in (report, plots):
-        tree = ast.parse(Path(mod.__file__).read_text())
+    files = sorted(Path(report.__file__).parent.glob("*.py")) + [Path(plots.__file__)]
+    assert len(files) > 2  # report is a package of modules
+    for file in files:
+        tree = ast.parse(file.read_text())
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         names = [a.name for n in top for a in n.names] + [
             n.module or "" for n in top if isinstance(n, ast.ImportFrom)
         ]
-        assert not any(x.split(".")[0] == "matplotlib" for x in names), mod.__name__
+        assert not any(x.split(".")[0] == "matplotlib" for x in names), file.name

@@ -24,6 +24,7 @@ A failure is a record, never an exception: the sweep goes on.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -112,7 +113,14 @@ def reference_error(case: Case) -> tuple[float, float]:
 
 
 def measure_impl(impl: Impl, case: Case, repeats: int, error_limit_bytes: int) -> dict[str, Any]:
-    """The result of one implementation on one case (never raises)."""
+    """The result of one implementation on one case (never raises; the implementation's own
+    warnings, e.g. FlexAttention's advice to compile, are silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _measure_impl(impl, case, repeats, error_limit_bytes)
+
+
+def _measure_impl(impl: Impl, case: Case, repeats: int, error_limit_bytes: int) -> dict[str, Any]:
     missing = impl.missing()
     if missing:
         return empty_result("not installed", missing)

@@ -6,15 +6,17 @@ object-oriented API on an Agg canvas (``matplotlib.figure.Figure``): pyplot's gl
 and backend are never touched and nothing is shown.
 
 Every function takes the benchmark records (a list of record dicts, see
-:mod:`attnlab.bench.report`) and an output folder, writes its PNGs there and returns their
+:mod:`attnlab.bench.report.records`) and an output folder, writes its PNGs there and returns their
 paths; a plot without data is skipped. With several (dtype, device) combinations among the
 efficiency records, every efficiency plot is drawn once per combination (file names end in
 ``_<dtype>_<device>``).
 
 - :func:`time_vs_length`: per CAB pattern, a log–log overview of every attnlab mechanism
-  (solid), the peers (dashed, ``mechanism · peer``) and sdpa_dense (thick grey, the median
-  over the mechanisms' dense runs); and per pattern small multiples, one panel per mechanism
-  with attnlab, its sdpa_dense and its peers (fwd+bwd, and forward when measured);
+  (solid), the peers (dashed, ``mechanism · peer``) and the two baselines, each the median
+  over the mechanisms' runs: sdpa_dense (thick grey: SDPA with the pattern as a dense mask)
+  and sdpa_fast (thin black dashed: SDPA without the pattern); and per pattern small
+  multiples, one panel per mechanism with attnlab, its baselines and its peers (fwd+bwd, and
+  forward when measured);
 - :func:`memory_vs_length`: the same overview for peak memory;
 - :func:`errors`: horizontal log-scale bars of the largest ``err_out``/``err_grad`` per
   mechanism, with the dtype's machine epsilon for scale;
@@ -33,7 +35,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import report as _r
+from .report.formatting import _short_len, fmt_sig
+from .report.quality_table import QualityRow, _aggregate_quality, _best_quality
+from .report.records import ATTNLAB, BASELINES, DENSE, FAST, _Data, _Eff, _parse, _Section
+from .report.records import _sections, _unique_order
 
 DPI = 110
 # distinct colours for up to ~20 mechanisms (no grey: grey is sdpa_dense); markers cycle with
@@ -69,13 +74,19 @@ _PEER_COLORS = [
     "#e6ab02",
     "#a6761d",
     "#1b9e77",
-    "#000000",
+    "#17becf",
 ]
 _PEER_MARKERS = ["s", "^", "D", "v", "P", "X", "*", "h"]
 _DENSE_STYLE = dict(color="#8c8c8c", lw=4.5, alpha=0.55, solid_capstyle="round", zorder=1)
+_FAST_STYLE = dict(color="black", lw=1.2, ls=(0, (5, 3)), zorder=2)
 _ATT_COLOR = "#1f4e9c"
 _EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 _METRIC_NAME = {"fwdbwd": "forward + backward", "fwd": "forward"}
+_OVERVIEW_LABEL = {
+    DENSE: "sdpa_dense (median over mechanisms)",
+    FAST: "sdpa_fast, without the pattern (median)",
+}
+_PANEL_LABEL = {DENSE: "sdpa_dense (dense mask)", FAST: "sdpa_fast (without the pattern)"}
 
 
 def available() -> bool:
@@ -89,8 +100,8 @@ def available() -> bool:
 # --------------------------------------------------------------------------- helpers
 
 
-def _data(records: Any) -> "_r._Data":
-    return records if isinstance(records, _r._Data) else _r._parse(records)
+def _data(records: Any) -> _Data:
+    return records if isinstance(records, _Data) else _parse(records)
 
 
 def _figure(width: float, height: float, constrained: bool = True):
@@ -139,15 +150,8 @@ def _slug(*parts: str) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.+-]+", "-", p).strip("-") for p in parts if p)
 
 
-def _suffix(sec: "_r._Section", multi: bool) -> str:
+def _suffix(sec: _Section, multi: bool) -> str:
     return "_" + _slug(sec.dtype, sec.device) if multi else ""
-
-
-def _len_label(L: float) -> str:
-    L = int(L)
-    if L >= 1024 and L % 1024 == 0:
-        return f"{L // 1024}k"
-    return str(L)
 
 
 def _length_axis(ax, lengths: Sequence[int]) -> None:
@@ -159,7 +163,7 @@ def _length_axis(ax, lengths: Sequence[int]) -> None:
         step = math.ceil(len(ticks) / 8)
         ticks = ticks[::step] + ([ticks[-1]] if (len(ticks) - 1) % step else [])
     ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _len_label(x)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _short_len(int(x))))
     ax.xaxis.set_minor_locator(NullLocator())
     if ticks:
         lo, hi = min(lengths), max(lengths)
@@ -215,7 +219,7 @@ def _peer_style(peers: Sequence[str], impl: str) -> dict[str, Any]:
 
 
 def _points(
-    rows: Mapping[int, "_r._Eff"], value: Callable[["_r._Eff"], float | None]
+    rows: Mapping[int, _Eff], value: Callable[[_Eff], float | None]
 ) -> tuple[list, list]:
     xs, ys = [], []
     for L, r in sorted(rows.items()):
@@ -226,10 +230,11 @@ def _points(
     return xs, ys
 
 
-def _dense_median(sec: "_r._Section", pattern: str, value) -> tuple[list, list]:
+def _baseline_median(sec: _Section, pattern: str, value, impl: str) -> tuple[list, list]:
+    """Per length, the median over the mechanisms of a baseline's ``value``."""
     by_L: dict[int, list[float]] = {}
     for mech in sec.mechanisms:
-        for L, r in sec.get(mech, pattern, _r.DENSE).items():
+        for L, r in sec.get(mech, pattern, impl).items():
             v = value(r)
             if v is not None and v > 0:
                 by_L.setdefault(L, []).append(v)
@@ -259,7 +264,7 @@ def _collect(ax, handles: dict[str, Any]) -> None:
         handles.setdefault(lab, h)
 
 
-def _patterns_with(sec: "_r._Section", value) -> list[str]:
+def _patterns_with(sec: _Section, value) -> list[str]:
     return [
         p
         for p in sec.patterns
@@ -276,14 +281,15 @@ def _patterns_with(sec: "_r._Section", value) -> list[str]:
 
 
 def _overview(
-    sec: "_r._Section", value, ylabel: str, title: str, path: Path, dpi: int
+    sec: _Section, value, ylabel: str, title: str, path: Path, dpi: int
 ) -> Path | None:
-    """2 × 2 (or fewer) panels, one per pattern: every attnlab mechanism, the peers, dense."""
+    """2 × 2 (or fewer) panels, one per pattern: every attnlab mechanism, the peers, the
+    baselines."""
     patterns = _patterns_with(sec, value)
     if not patterns:
         return None
     mechs = sec.mechanisms
-    peers = [i for i in sec.impls if i not in (_r.ATTNLAB, _r.DENSE)]
+    peers = [i for i in sec.impls if i not in (ATTNLAB, *BASELINES)]
     ncols = 1 if len(patterns) == 1 else 2
     nrows = math.ceil(len(patterns) / ncols)
     fig = _figure(5.0 * ncols + 3.2, 3.9 * nrows + 0.6)
@@ -295,12 +301,13 @@ def _overview(
             ax.set_visible(False)
             continue
         pattern = patterns[k]
-        xs, ys = _dense_median(sec, pattern, value)
-        if xs:
-            ax.plot(xs, ys, label="sdpa_dense (median over mechanisms)", **_DENSE_STYLE)
+        for impl, style in ((DENSE, _DENSE_STYLE), (FAST, _FAST_STYLE)):
+            xs, ys = _baseline_median(sec, pattern, value, impl)
+            if xs:
+                ax.plot(xs, ys, label=_OVERVIEW_LABEL[impl], **style)
         for i, mech in enumerate(mechs):
             st = _mech_style(i)
-            xs, ys = _points(sec.get(mech, pattern, _r.ATTNLAB), value)
+            xs, ys = _points(sec.get(mech, pattern, ATTNLAB), value)
             if xs:
                 ax.plot(xs, ys, label=mech, lw=1.6, ms=4, **st, zorder=3)
             for impl in peers:
@@ -334,7 +341,7 @@ def _overview(
     for ax in axes.flat:
         _label_minor_if_narrow(ax)
     fig.suptitle(title, fontsize=12, x=0.02, ha="left")
-    order = ["sdpa_dense (median over mechanisms)"] + [
+    order = [_OVERVIEW_LABEL[DENSE], _OVERVIEW_LABEL[FAST]] + [
         lab for mech in mechs for lab in [mech] + [f"{mech} · {impl}" for impl in peers]
     ]
     _legend_outside(fig, {lab: handles[lab] for lab in order if lab in handles})
@@ -342,9 +349,10 @@ def _overview(
 
 
 def _small_multiples(
-    sec: "_r._Section", pattern: str, metric: str, path: Path, dpi: int
+    sec: _Section, pattern: str, metric: str, path: Path, dpi: int
 ) -> Path | None:
-    """One panel per mechanism: attnlab (solid), its sdpa_dense (grey), its peers (dashed)."""
+    """One panel per mechanism: attnlab (solid), its sdpa_dense (grey), its sdpa_fast (black
+    dashed), its peers (dashed)."""
 
     def value(r):
         return r.metric(metric)
@@ -360,7 +368,7 @@ def _small_multiples(
     ]
     if not mechs:
         return None
-    peers = [i for i in sec.impls if i not in (_r.ATTNLAB, _r.DENSE)]
+    peers = [i for i in sec.impls if i not in (ATTNLAB, *BASELINES)]
     ncols = min(5, len(mechs))
     nrows = math.ceil(len(mechs) / ncols)
     ragged = nrows * ncols > len(mechs)  # panels above an empty slot show their x tick labels
@@ -377,9 +385,10 @@ def _small_multiples(
             ax.set_visible(False)
             continue
         mech = mechs[k]
-        xs, ys = _points(sec.get(mech, pattern, _r.DENSE), value)
-        if xs:
-            ax.plot(xs, ys, label="sdpa_dense (dense mask)", **_DENSE_STYLE)
+        for impl, style in ((DENSE, _DENSE_STYLE), (FAST, _FAST_STYLE)):
+            xs, ys = _points(sec.get(mech, pattern, impl), value)
+            if xs:
+                ax.plot(xs, ys, label=_PANEL_LABEL[impl], **style)
         for impl in peers:
             xs, ys = _points(sec.get(mech, pattern, impl), value)
             if xs:
@@ -395,10 +404,10 @@ def _small_multiples(
                     **_peer_style(peers, impl),
                     zorder=2,
                 )
-        xs, ys = _points(sec.get(mech, pattern, _r.ATTNLAB), value)
+        xs, ys = _points(sec.get(mech, pattern, ATTNLAB), value)
         if xs:
             ax.plot(xs, ys, label="attnlab", color=_ATT_COLOR, marker="o", lw=2, ms=3.8, zorder=3)
-        failed = [L for L, r in sec.get(mech, pattern, _r.ATTNLAB).items() if not r.ok]
+        failed = [L for L, r in sec.get(mech, pattern, ATTNLAB).items() if not r.ok]
         if failed:
             ax.plot(
                 failed,
@@ -427,7 +436,7 @@ def _small_multiples(
             ax.set_xlabel("L (queries)", fontsize=9)
     for ax in axes.flat:
         _label_minor_if_narrow(ax)
-    order = ["attnlab", "sdpa_dense (dense mask)"] + peers + ["attnlab failed"]
+    order = ["attnlab", _PANEL_LABEL[DENSE], _PANEL_LABEL[FAST]] + peers + ["attnlab failed"]
     ordered = {lab: handles[lab] for lab in order if lab in handles}
     # legend below the panels, in as many rows as the figure's width needs
     W, H = fig.get_size_inches()
@@ -461,7 +470,7 @@ def _small_multiples(
 
 
 def _time_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
-    sections = _r._sections(data)
+    sections = _sections(data)
     multi = len(sections) > 1
     out = []
     for sec in sections:
@@ -486,7 +495,7 @@ def _time_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
                 (
                     p,
                     f"{_METRIC_NAME[main].capitalize()} time of every mechanism per pattern "
-                    f"({sec.label}); dashed: peers; grey: sdpa_dense",
+                    f"({sec.label}); {_baselines_caption(sec)}",
                 )
             )
         for pattern in sec.patterns:
@@ -501,8 +510,13 @@ def _time_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
     return out
 
 
+def _baselines_caption(sec: _Section) -> str:
+    fast = "; black dashed: sdpa_fast (without the pattern)" if FAST in sec.impls else ""
+    return f"dashed: peers; grey: sdpa_dense{fast}"
+
+
 def _memory_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
-    sections = _r._sections(data)
+    sections = _sections(data)
     multi = len(sections) > 1
     out = []
     for sec in sections:
@@ -516,21 +530,19 @@ def _memory_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
             dpi,
         )
         if p:
-            caption = (
-                f"Peak extra memory per pattern ({sec.label}); dashed: peers; grey: sdpa_dense"
-            )
+            caption = f"Peak extra memory per pattern ({sec.label}); {_baselines_caption(sec)}"
             out.append((p, caption))
     return out
 
 
 def _error_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
-    sections = _r._sections(data)
+    sections = _sections(data)
     multi = len(sections) > 1
     out = []
     for sec in sections:
         names, vals = [], []
         for mech in sec.mechanisms:
-            rows = [r for p in sec.patterns for r in sec.get(mech, p, _r.ATTNLAB).values()]
+            rows = [r for p in sec.patterns for r in sec.get(mech, p, ATTNLAB).values()]
             eo = [r.err_out for r in rows if r.err_out is not None and r.err_out > 0]
             eg = [r.err_grad for r in rows if r.err_grad is not None and r.err_grad > 0]
             if eo or eg:
@@ -589,17 +601,17 @@ def _error_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
 
 
 def _quality_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
-    rows = [q for q in _r._aggregate_quality(data.qual) if q.mean is not None]
+    rows = [q for q in _aggregate_quality(data.qual) if q.mean is not None]
     if not rows:
         return []
-    panels = _r._unique_order((q.task, q.metric) for q in rows)
+    panels = _unique_order((q.task, q.metric) for q in rows)
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     most = max(sum(1 for q in rows if (q.task, q.metric) == tm) for tm in panels)
     longest = max(len(_variant_label(q)) for q in rows)
     fig = _figure(min(17.0, ncols * (3.2 + 0.065 * longest)), nrows * (0.32 * most + 1.3) + 0.5)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    best = _r._best_quality(rows)
+    best = _best_quality(rows)
     usual_n = Counter(q.n for q in rows).most_common(1)[0][0]
     for k, ax in enumerate(axes.flat):
         if k >= len(panels):
@@ -629,7 +641,7 @@ def _quality_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
                 zorder=3,
             )
             ax.annotate(
-                f"{_r.fmt_sig(q.mean)}" + (f" (n={q.n})" if q.n != usual_n else ""),
+                f"{fmt_sig(q.mean)}" + (f" (n={q.n})" if q.n != usual_n else ""),
                 (0, y),
                 xytext=(3, 0),
                 textcoords="offset points",
@@ -658,7 +670,7 @@ def _quality_plots(data, out_dir: Path, dpi: int) -> list[tuple[Path, str]]:
     return [(path, "Quality per task: mean metric per variant, ± sd over seeds")]
 
 
-def _variant_label(q: "_r.QualityRow") -> str:
+def _variant_label(q: QualityRow) -> str:
     return q.variant if not q.extra else f"{q.variant} [{q.extra}]"
 
 
