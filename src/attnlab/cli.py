@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/report.html. The default is a quick first look (about 3 minutes on 2 CPU cores).")
     pb.add_argument("--suite", default="all", choices=["efficiency", "quality", "all"])
     pb.add_argument("--full", action="store_true",
-                    help="all four CAB patterns, lengths 256..16384, every peer, the full quality preset")
+                    help="all four CAB patterns, lengths 256..16384, every peer, the full quality preset "
+                    "(an hour or more on a laptop CPU; narrow it with --mechanisms/--lengths)")
     pb.add_argument("--mechanisms", type=_csv(str), metavar="A,B", help="catalog names (default: all; see attnlab list)")
     pb.add_argument("--lengths", type=_csv(int), metavar="L1,L2", help="query lengths of the sweep")
     pb.add_argument("--patterns", type=_csv(str), metavar="P,..",

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in figs:
         print(f.row(verdict=full))
     if not full:
-        print("\nQuick sizes, for a first look; the targets apply to the full sizes: attnlab bench --full")
+        print("\nQuick sizes, for a first look; the targets apply to the full sizes: python -m attnlab.bench.kernels")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"environment": env, "figures": [asdict(f) | {"passed": f.passed} for f in figs]}, fh, indent=1)
