@@ -113,16 +113,26 @@ def neighbor_set(pattern: Pattern, geometry: Geometry, query: tuple[int, ...] | 
 
 
 def density(pattern: Pattern, geometry: Geometry) -> float:
-    """Fraction of visible (query, key) pairs (small problems only)."""
-    m = dense_mask(pattern, geometry)
-    return m.sum().item() / m.numel()
+    """Fraction of visible (batch, head, query, key) pairs, counted in chunks of query rows
+    (about 16M pairs at a time), so long problems need no ``L x S`` mask."""
+    b, h, q_idx, kv_idx = index_grid(geometry)
+    g = geometry
+    step = max(1, (1 << 24) // max(1, g.batch * g.q_heads * g.kv_len))
+    visible = 0
+    for start in range(0, g.q_len, step):
+        rows = q_idx[:, :, start:start + step]
+        m = pattern.mask(b, h, rows, kv_idx, g)
+        visible += int(torch.broadcast_to(m, (g.batch, g.q_heads, rows.shape[2], g.kv_len)).sum())
+    total = g.batch * g.q_heads * g.q_len * g.kv_len
+    return visible / total if total else 0.0
 
 
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max|a - b| / max(max|b|, tiny)`` in float64."""
+def rel_error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
+    """``max|a - b| / max(max|b|, floor)`` in float64 (a larger ``floor`` keeps references
+    that are exactly zero, e.g. gradients with one visible key per row, from dividing by ~0)."""
     a = a.double()
     b = b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item() if b.numel() else 0.0
 
 
 __all__ = [

@@ -11,6 +11,7 @@ because it compiles per shape and has no backward there.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -38,18 +39,11 @@ def flex_tile(ndim: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     room left doubles first; sides may exceed a short axis (the tile is padded)."""
     room = [1 << max(0, (n - 1).bit_length()) for n in shape]  # next power of two per axis
     tile = [1] * ndim
-    while _prod(tile) < FLEX_BLOCK:
+    while math.prod(tile) < FLEX_BLOCK:
         open_axes = [ax for ax in range(ndim) if tile[ax] < room[ax]]
         ax = max(open_axes, key=lambda a: (room[a] // tile[a], a)) if open_axes else ndim - 1
         tile[ax] *= 2
     return tuple(tile)
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 RECOMPILE_LIMIT = 256
@@ -194,7 +188,7 @@ def _flex_plan(pattern, g) -> FlexPlan:
     # in place when 1-D; not for a sequence shorter than one block (the compiled CUDA kernel
     # finds no configuration for it), which is padded to a whole tile instead
     in_place = (g.ndim == 1 and min(g.q_len, g.kv_len) >= FLEX_BLOCK
-                and "seq_lengths" in BlockMask.from_kv_blocks.__code__.co_varnames)
+                and _takes_seq_lengths(BlockMask))
     if in_place:
         def mask_mod(b, h, q_idx, kv_idx):
             return pattern.mask(b, h, q_idx, kv_idx, g)
@@ -222,6 +216,11 @@ def _kv_tile_order(x: torch.Tensor, tiling: Tiling) -> torch.Tensor:
     return out * (idx >= 0).view(1, 1, -1, 1).to(out.dtype)
 
 
+def _takes_seq_lengths(BlockMask) -> bool:
+    """Whether this torch's ``BlockMask.from_kv_blocks`` accepts ``seq_lengths`` (newer ones)."""
+    return "seq_lengths" in BlockMask.from_kv_blocks.__code__.co_varnames
+
+
 def _block_mask(BlockMask, pattern, tiling: Tiling, mask_mod, seq_lengths: tuple[int, int]):
     layout = pattern.block_layout(tiling)
     any_ = layout.any
@@ -237,7 +236,7 @@ def _block_mask(BlockMask, pattern, tiling: Tiling, mask_mod, seq_lengths: tuple
     kv_num, kv_idx = to_lists(partial)
     full_num, full_idx = to_lists(full)
     kwargs = dict(BLOCK_SIZE=(tiling.q_tile_size, tiling.kv_tile_size), mask_mod=mask_mod)
-    if "seq_lengths" in BlockMask.from_kv_blocks.__code__.co_varnames:
+    if _takes_seq_lengths(BlockMask):
         kwargs["seq_lengths"] = seq_lengths
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kwargs)
 

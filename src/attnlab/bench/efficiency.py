@@ -34,6 +34,7 @@ from ..geometry import check_qkv
 from ..patterns.base import as_pattern
 from ..registry import Mechanism
 from ..scores.base import as_score_mod
+from ..testing import density, rel_error
 from .memory import peak_memory_mib
 from .peers import Case, Impl, Prepared, Skipped, Unsupported
 from .planner import Measurement, build_problem
@@ -58,22 +59,6 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
-def visible_fraction(case: Case) -> float:
-    """Exact fraction of visible ``(query, key)`` pairs, evaluated in row chunks."""
-    g = case.geometry
-    dev = case.device
-    kv = torch.arange(g.kv_len, device=dev).view(1, 1, 1, -1)
-    b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
-    h = torch.arange(g.q_heads, device=dev).view(1, -1, 1, 1)
-    step = max(1, (1 << 24) // (g.kv_len * g.q_heads))
-    total = 0
-    for s in range(0, g.q_len, step):
-        qi = torch.arange(s, min(g.q_len, s + step), device=dev).view(1, 1, -1, 1)
-        m = case.pattern.mask(b, h, qi, kv, g)
-        total += int(torch.broadcast_to(m, (1, g.q_heads, qi.shape[2], g.kv_len)).sum())
-    return total / (g.q_heads * g.q_len * g.kv_len)
-
-
 def _timings(prep: Prepared, case: Case, repeats: int) -> dict[str, Any]:
     device = case.device
     fwd_inputs = prep.convert(case.q, case.k, case.v)
@@ -93,7 +78,7 @@ def _timings(prep: Prepared, case: Case, repeats: int) -> dict[str, Any]:
 def scaled_error(fast: torch.Tensor, exact: torch.Tensor) -> float:
     """``max |fast - exact| / max(max |exact|, 1e-3)`` (the floor keeps gradients that are
     exactly zero in the reference, e.g. one visible key per row, from dividing by zero)."""
-    return ((fast.double() - exact.double()).abs().max() / exact.abs().max().clamp_min(1e-3)).item()
+    return rel_error(fast, exact, floor=1e-3)
 
 
 def reference_error(case: Case) -> tuple[float, float]:
@@ -132,7 +117,7 @@ def _measure_impl(impl: Impl, case: Case, repeats: int, error_limit_bytes: int) 
         if prep.backward is not None:
             res["reason"] = "; ".join(r for r in (prep.backward, prep.note) if r)
         if impl.name == "attnlab":
-            res["density"] = visible_fraction(case)
+            res["density"] = density(case.pattern, case.geometry)
             m = case.measurement
             if m.batch * m.heads * m.L * m.S * 8 * 3 <= error_limit_bytes:
                 res["err_out"], res["err_grad"] = reference_error(case)

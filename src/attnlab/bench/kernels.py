@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlab as al
+from attnlab.testing import density
 
 from .timing import Timing, forward_backward, forward_only, measure, measure_pair
 
@@ -64,18 +65,9 @@ def _ratio(ours: Timing | None, base: Timing | None) -> float | None:
 
 
 def visible_fraction(pattern, shape: tuple[int, ...]) -> float:
-    """Exact density of a pattern (visible pairs / all pairs), counted in row chunks."""
+    """Exact density of a pattern (visible pairs / all pairs) on one head of ``shape``."""
     q = torch.zeros(1, 1, *shape, 1)
-    geom = al.geometry.check_qkv(q, q, q)
-    n = geom.q_len
-    total = 0
-    kv = torch.arange(n).view(1, 1, 1, -1)
-    zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
-    step = max(1, (1 << 24) // n)
-    for s in range(0, n, step):
-        qi = torch.arange(s, min(n, s + step)).view(1, 1, -1, 1)
-        total += int(pattern.mask(zero, zero, qi, kv, geom).sum())
-    return total / (n * n)
+    return density(pattern, al.geometry.check_qkv(q, q, q))
 
 
 def dense_figures(L: int, repeats: int, device: str) -> list[Figure]:

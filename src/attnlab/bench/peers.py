@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import attention, explain
-from ..geometry import Geometry
+from ..geometry import Geometry, index_grid
 from ..patterns import Neighborhood, SlidingWindow
 from ..patterns.base import Pattern
 from ..registry import Mechanism
@@ -117,20 +117,17 @@ def _check_memory(case: Case, nbytes: int, what: str) -> None:
                       f"{case.memory_limit_bytes / 2**30:.1f} GiB memory limit")
 
 
-def _index_grid(case: Case, rows: int | None = None, cols: int | None = None):
-    g = case.geometry
-    dev = case.device
-    return (torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev),
-            torch.arange(g.q_heads, device=dev).view(1, -1, 1, 1),
-            torch.arange(rows or g.q_len, device=dev).view(1, 1, -1, 1),
-            torch.arange(cols or g.kv_len, device=dev).view(1, 1, 1, -1))
+def _probe_grid(case: Case, size: int):
+    """:func:`~attnlab.geometry.index_grid` of the first ``size`` queries and keys."""
+    b, h, q_idx, kv_idx = index_grid(case.geometry)
+    return b, h, q_idx[:, :, :size], kv_idx[..., :size]
 
 
 def _is_additive(score_mod: ScoreMod, case: Case) -> bool:
     """Whether ``modify(s) == s + modify(0)`` on a probe block (ALiBi, RelativeBias: yes)."""
     if score_mod.needs_query:
         return False
-    b, h, qi, kv = _index_grid(case, min(case.geometry.q_len, 64), min(case.geometry.kv_len, 64))
+    b, h, qi, kv = _probe_grid(case, 64)
     with torch.no_grad():
         zero = torch.zeros(qi.shape[2], kv.shape[3], device=case.device).expand(1, h.shape[1], -1, -1)
         ctx = ScoreContext(b, h, qi, kv, case.geometry)
@@ -151,18 +148,19 @@ class SDPADense(Impl):
     def prepare(self, case: Case) -> Prepared:
         per_element = 4 if case.device.type == "cuda" else 16  # CPU math path keeps probabilities
         _check_memory(case, _dense_bytes(case, per_element), "dense SDPA")
-        mask = case.pattern.mask(*_index_grid(case), case.geometry)
+        grid = index_grid(case.geometry)
+        mask = case.pattern.mask(*grid, case.geometry)
         note = None
         if case.score_mod is not None:
             if _is_additive(case.score_mod, case):
                 with torch.no_grad():
-                    ctx = ScoreContext(*_index_grid(case), case.geometry)
+                    ctx = ScoreContext(*grid, case.geometry)
                     zero = torch.zeros(mask.shape[-2:], device=case.device)
                     bias = case.score_mod.modify(zero.expand(1, case.geometry.q_heads, -1, -1), ctx)
                 mask = bias.to(case.q.dtype).masked_fill(~mask, float("-inf"))
             else:
                 note = f"{type(case.score_mod).__name__} not applied: dense attention with the same mask"
-        if mask.dtype == torch.bool and mask.shape[1] == 1:
+        if mask.dtype == torch.bool and mask.shape[:2] == (1, 1):
             mask = mask[0, 0]
         return Prepared(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), note=note)
 
@@ -183,12 +181,13 @@ class SDPADenseFast(Impl):
                         note="dense, without the pattern: cost baseline")
 
 
-def _flex_backward_reason(case: Case) -> str | None:
+def _cpu_has_no_backward(case: Case) -> str | None:
+    """The ``Prepared.backward`` of FlexAttention and NATTEN, which have none on CPU."""
     return "no backward on CPU" if case.device.type == "cpu" else None
 
 
 def _head_dependent(case: Case) -> bool:
-    b, h, qi, kv = _index_grid(case, min(case.geometry.q_len, 256), min(case.geometry.kv_len, 256))
+    b, h, qi, kv = _probe_grid(case, 256)
     m = case.pattern.mask(b, h, qi, kv, case.geometry)
     return m.shape[1] > 1 and bool((m != m[:, :1]).any())
 
@@ -217,7 +216,7 @@ class _Flex(Impl):
         if self.compiled:
             torch._dynamo.reset()  # a fresh compile per problem: no recompile limit, comparable compile_s
         fn = torch.compile(flex_attention, dynamic=False) if self.compiled else flex_attention
-        backward = _flex_backward_reason(case)
+        backward = _cpu_has_no_backward(case)
 
         def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return fn(q, k, v, score_mod=score_fn, block_mask=block_mask)
@@ -267,7 +266,7 @@ class Natten(Impl):
         if m.L != m.S:
             raise Unsupported("NATTEN computes self attention only (L == S)")
         kwargs = dict(kernel_size=p.kernel_size, dilation=p.dilation, stride=p.stride, is_causal=p.is_causal)
-        backward = "no backward on CPU" if case.device.type == "cpu" else None
+        backward = _cpu_has_no_backward(case)
         return Prepared(lambda q, k, v: natten.na1d(q, k, v, **kwargs),
                         convert=lambda q, k, v: tuple(x.transpose(1, 2).contiguous() for x in (q, k, v)),
                         backward=backward)
