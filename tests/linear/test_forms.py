@@ -198,7 +198,7 @@ def test_feature_map_values_and_positivity():
     elu = EluPlusOne()(x)
     assert (elu > 0).all()
     torch.testing.assert_close(elu, torch.where(x > 0, x + 1, torch.exp(x)))
-    perf = PerformerRandomFeatures(16, 64, seed=3)
+    perf = PerformerRandomFeatures(16, 64, seed=3, input_scale=1.0)
     y = perf(x)
     assert (y > 0).all()
     w = perf.weight.double()
@@ -224,7 +224,7 @@ def test_performer_approximates_softmax_kernel():
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(6, 4, generator=gen, dtype=torch.float64) * 0.3
     k = torch.randn(6, 4, generator=gen, dtype=torch.float64) * 0.3
-    fm = PerformerRandomFeatures(4, 4096, seed=0)
+    fm = PerformerRandomFeatures(4, 4096, seed=0, input_scale=1.0)
     approx = (fm(q) * fm(k)).sum(-1)
     exact = torch.exp((q * k).sum(-1))
     assert ((approx - exact).abs() / exact).max() < 0.1

@@ -1,54 +1,64 @@
-r"""Three execution forms of (optionally decayed) linear attention.
+r"""Three execution forms of linear attention with optional decay and data-dependent gates.
 
 All forms act on already feature-mapped inputs ``phi_q (B, H, L, F)``, ``phi_k (B, H, L, F)``
 and values ``v (B, H, L, Dv)`` (same dtype and device) and compute the same function.
 
 Semantics
 ---------
-Write ``q_i = phi_q[:, :, i]``, ``k_j = phi_k[:, :, j]``, ``v_j = v[:, :, j]`` and let
-``gamma`` be the per-head decay (``decay``; ``gamma = 1`` when ``decay is None``), a scalar or a
-tensor broadcastable to ``(H,)`` with values in ``(0, 1]`` (RetNet retention: Sun et al.,
-"Retentive Network: A Successor to Transformer for Large Language Models", 2023).
+Write ``q_t = phi_q[:, :, t]``, ``k_t = phi_k[:, :, t]``, ``v_t = v[:, :, t]``. The causal
+recurrence (``causal=True``) is, for ``t = 0 .. L-1``::
 
-Causal (``causal=True``)::
+    S_t = g_t * S_{t-1} + k_t v_t^T,     z_t = g_t * z_{t-1} + k_t,     (S_{-1}, z_{-1}) = (S0, z0)
+    o_t = q_t S_t / (q_t . z_t + eps)   if normalize   else   q_t S_t,         eps = 1e-6
 
-    num_i = sum_{j <= i} gamma^(i-j) (q_i . k_j) v_j  +  gamma^(i+1) (q_i S0)
-    den_i = sum_{j <= i} gamma^(i-j) (q_i . k_j)      +  gamma^(i+1) (q_i . z0)
-    o_i   = num_i / (den_i + eps)   if normalize  else  num_i,        eps = 1e-6
+with ``S (B, H, F, Dv)``, ``z (B, H, F)`` and the per-step gate ``g_t``, the product of
 
-Non-causal (``causal=False``; ``decay`` must be ``None``, else ``ValueError``): the same with
-the sums over all ``j`` and the ``gamma`` factors equal to 1.
+* ``decay``: a constant per head, a float or a tensor broadcastable to ``(H,)`` in ``(0, 1]``
+  (RetNet retention: Sun et al., "Retentive Network: A Successor to Transformer for Large
+  Language Models", 2023; TransNormerLLM's decay: Qin et al., "TransNormerLLM: A Faster and
+  Better Large Language Model with Improved TransNormer", 2023), and
+* ``gate``: a data-dependent gate in ``(0, 1]``, ``(B, H, L)`` (one scalar per head and token,
+  as Mamba-2) or ``(B, H, L, F)`` (one per key feature, ``g_t * S`` scaling the rows of ``S``:
+  GLA, Yang et al., "Gated Linear Attention Transformers with Hardware-Efficient Training",
+  2024).
 
-State convention
-----------------
-The state after tokens ``0..t`` is ``(S_t, z_t)`` with ``S_t (B, H, F, Dv)``, ``z_t (B, H, F)``::
+Unrolled: ``o_i = sum_{j <= i} (q_i * G_{i,j}) . k_j v_j`` with ``G_{i,j} = g_{j+1} ... g_i``
+(elementwise over features), plus ``(q_i * g_1 ... g_i * g_0) S0``: ``initial_state = (S0, z0)``
+is the state *before* token 0, so it is gated by ``g_0`` too. The state a call returns
+(``return_state=True``) is ``(S_{L-1}, z_{L-1})``; passing it as ``initial_state`` to a call on
+the continuation gives the outputs of one call on the concatenation. ``z`` is tracked only when
+``normalize=True`` (``None`` otherwise).
 
-    S_t = gamma S_{t-1} + k_t v_t^T,    z_t = gamma z_{t-1} + k_t,    (S_{-1}, z_{-1}) = (S0, z0)
-
-so ``num_i = q_i S_i`` and ``den_i = q_i . z_i``. ``initial_state = (S0, z0)`` is the state
-*before* token 0 (zeros when ``None``), which is why it enters with ``gamma^(i+1)``. The state a
-call returns (``return_state=True``) is ``(S_{L-1}, z_{L-1})``: passing it as ``initial_state``
-to a call on the continuation gives the same outputs as one call on the concatenation. ``z``
-is only tracked when ``normalize=True`` (``z`` of a returned state is ``None`` otherwise, and
-an ``initial_state`` must then carry a ``z0`` of shape ``(B, H, F)``). Non-causal calls add
-``q_i S0`` (and ``q_i . z0``) to every position and return ``S0 + sum_j k_j v_j^T``.
+Non-causal (``causal=False``; no ``decay`` or ``gate``): ``o_i = q_i S / (q_i . z + eps)``
+with ``S = S0 + sum_j k_j v_j^T`` (``z`` alike) for every ``i``; that ``S`` is the returned state.
 
 Forms
 -----
-* :func:`parallel_form` materialises the ``L x L`` (decay-weighted, masked) score matrix: for
-  short inputs and as a reference.
-* :func:`chunked_form` (Lightning Attention-2 style: Qin et al., 2024) splits the sequence into
-  chunks of ``chunk_size`` tokens: an intra-chunk masked ``C x C`` product plus the inter-chunk
-  state; memory is ``O(L C + F Dv)``, never ``L x L``; plain autograd differentiates it.
-* :func:`recurrent_step` advances one token in ``O(F Dv)`` (causal only).
+* :func:`parallel_form` materialises the ``L x L`` gated, masked score matrix: short inputs,
+  and the implicit attention matrix (:func:`gated_scores`).
+* :func:`chunked_form` (Lightning Attention-2: Qin et al., "Lightning Attention-2: A Free
+  Lunch for Handling Unlimited Sequence Lengths in Large Language Models", 2024) splits the
+  sequence into chunks of ``chunk_size`` tokens, all processed at once: an intra-chunk masked
+  ``C x C`` product plus the inter-chunk term from the state entering each chunk; the states
+  are a cumulative sum over chunks (a short loop over chunks when gated). Memory
+  ``O(L C + (L / C) F Dv)``, never ``L x L``. Plain autograd differentiates it.
+* :func:`recurrent_step` advances one token in ``O(F Dv)`` (causal only): decoding.
+
+Gates are handled in log space: with ``b_t = sum_{s <= t} log g_s`` inside a chunk, the weight
+of key ``j`` at query ``i`` is ``exp(b_i - b_j) <= 1``; only differences with ``j <= i`` and
+suffix sums are exponentiated, so nothing overflows. Per-feature gates factor the intra-chunk
+product as ``(q * exp(b)) (k * exp(-b))^T`` while ``exp(-b)`` stays below ``sqrt`` of the
+dtype's largest value, and otherwise fall back to the exact ``C x C x F`` product.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from attnlab._checks import check_int
 
@@ -58,6 +68,7 @@ __all__ = [
     "parallel_form",
     "chunked_form",
     "recurrent_step",
+    "gated_scores",
 ]
 
 EPS = 1e-6
@@ -91,20 +102,24 @@ def _check_tensor(name: str, x: object, ndim: int) -> torch.Tensor:
     return x
 
 
-def _check_qkv(phi_q, phi_k, v, ndim: int, suffix: str = "") -> None:
+def _check_qkv(phi_q, phi_k, v, ndim: int, suffix: str = "", causal: bool = True) -> None:
+    """Shapes ``(B, H, L, F)``, ``(B, H, S, F)``, ``(B, H, S, Dv)``; ``S == L`` when causal."""
     nq, nk, nv = f"phi_q{suffix}", f"phi_k{suffix}", f"v{suffix}"
     _check_tensor(nq, phi_q, ndim)
     _check_tensor(nk, phi_k, ndim)
     _check_tensor(nv, v, ndim)
-    if phi_k.shape != phi_q.shape:
+    same = phi_k.shape == phi_q.shape if causal else (
+        phi_k.shape[:-2] == phi_q.shape[:-2] and phi_k.shape[-1] == phi_q.shape[-1])
+    if not same:
+        what = "the shape" if causal else "the batch, head and feature sizes"
         raise ValueError(
-            f"{nk} must have the shape of {nq}, got {nq}.shape={tuple(phi_q.shape)}, "
+            f"{nk} must have {what} of {nq}, got {nq}.shape={tuple(phi_q.shape)}, "
             f"{nk}.shape={tuple(phi_k.shape)}"
         )
-    if v.shape[:-1] != phi_q.shape[:-1]:
+    if v.shape[:-1] != phi_k.shape[:-1]:
         raise ValueError(
-            f"{nv} must match {nq} in all but the last dimension, got "
-            f"{nq}.shape={tuple(phi_q.shape)}, {nv}.shape={tuple(v.shape)}"
+            f"{nv} must match {nk} in all but the last dimension, got "
+            f"{nk}.shape={tuple(phi_k.shape)}, {nv}.shape={tuple(v.shape)}"
         )
     for name, x in ((nk, phi_k), (nv, v)):
         if x.dtype != phi_q.dtype or x.device != phi_q.device:
@@ -141,11 +156,46 @@ def _as_decay(decay, heads: int, like: torch.Tensor) -> Optional[torch.Tensor]:
     return d.expand(heads)
 
 
-def _check_decay_causal(decay, causal: bool) -> None:
+def _as_gate(gate, B: int, H: int, L: int, Fd: int, like: torch.Tensor, name: str = "gate"):
+    """``gate`` as a ``(B, H, L, 1)`` or ``(B, H, L, F)`` tensor of ``like``'s dtype/device."""
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(gate).__name__}")
+    if not gate.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {name}.dtype={gate.dtype}")
+    shape = tuple(gate.shape)
+    if shape == (B, H, L):
+        g = gate[..., None]
+    elif shape == (B, H, L, Fd):
+        g = gate
+    else:
+        raise ValueError(
+            f"{name} must have shape (B, H, L)={(B, H, L)} or (B, H, L, F)={(B, H, L, Fd)}, "
+            f"got {name}.shape={shape}"
+        )
+    if not bool(((g > 0) & (g <= 1)).all()):
+        raise ValueError(f"{name} values must lie in (0, 1], got min={g.min().item():.3g}, "
+                         f"max={g.max().item():.3g}")
+    return g.to(dtype=like.dtype, device=like.device)
+
+
+def _log_gates(decay, gate, B: int, H: int, L: int, Fd: int, like: torch.Tensor):
+    """Per-step ``log g_t`` broadcastable to ``(B, H, L, F)`` (``None`` without decay/gate)."""
+    log_g = None
+    gamma = _as_decay(decay, H, like)
+    if gamma is not None:
+        log_g = torch.log(gamma).view(1, H, 1, 1)
+    if gate is not None:
+        lg = torch.log(_as_gate(gate, B, H, L, Fd, like))
+        log_g = lg if log_g is None else log_g + lg
+    return log_g
+
+
+def _check_modes(causal, decay, gate) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got causal={causal!r}")
-    if decay is not None and not causal:
-        raise ValueError("decay is only defined for causal=True (got causal=False with decay)")
+    if not causal and (decay is not None or gate is not None):
+        which = "decay" if decay is not None else "gate"
+        raise ValueError(f"{which} is only defined for causal=True (got causal=False with {which})")
 
 
 def _as_state(state, B: int, H: int, Fd: int, Dv: int, normalize: bool, like, name: str):
@@ -175,189 +225,184 @@ def _as_state(state, B: int, H: int, Fd: int, Dv: int, normalize: bool, like, na
     return S, (z if normalize else None)
 
 
-def _check_normalize(normalize) -> None:
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got normalize={normalize!r}")
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {name}={value!r}")
 
 
-# --------------------------------------------------------------------------- decay helpers
+# --------------------------------------------------------------------------- shared pieces
 
 
-def _decay_matrix(gamma: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
-    """``D[h, i, j] = gamma_h^(i-j)`` for ``j <= i`` else 0; shape ``(H or 1, n, n)``."""
-    idx = torch.arange(n, device=like.device)
-    mask = idx[:, None] >= idx[None, :]
-    if gamma is None:
-        return mask.to(like.dtype)[None]
-    diff = (idx[:, None] - idx[None, :]).clamp(min=0).to(like.dtype)
-    return torch.pow(gamma[:, None, None], diff) * mask.to(like.dtype)
+def _with_ones(v: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """``v`` with a column of ones appended when normalising: ``S`` and ``z`` become one matrix
+    ``[S | z]``, so numerator and denominator come out of the same products."""
+    if not normalize:
+        return v
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
 
 
-def _powers(gamma: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
-    """``gamma_h^e`` for every head and exponent: ``(H, len(exps))``."""
-    return torch.pow(gamma[:, None], exps.to(gamma.dtype)[None, :])
+def _joint_state(S, z, B, H, Fd, Dv, normalize, like) -> torch.Tensor:
+    if S is None:
+        return like.new_zeros(B, H, Fd, Dv + int(normalize))
+    return torch.cat([S, z[..., None]], dim=-1) if normalize else S
+
+
+def _split(out_ext: torch.Tensor, state_ext, normalize: bool):
+    """``(out, LinearAttentionState)`` from the joint ``[num | den]`` / ``[S | z]`` tensors."""
+    if not normalize:
+        return out_ext, (None if state_ext is None else LinearAttentionState(state_ext, None))
+    out = out_ext[..., :-1] / (out_ext[..., -1:] + EPS)
+    if state_ext is None:
+        return out, None
+    return out, LinearAttentionState(state_ext[..., :-1], state_ext[..., -1])
+
+
+def gated_scores(phi_q: torch.Tensor, phi_k: torch.Tensor, log_g) -> torch.Tensor:
+    """``A[i, j] = sum_f q_if k_jf exp(b_if - b_jf)`` for ``j <= i`` else 0, with
+    ``b = cumsum(log_g)`` along the tokens (``log_g`` ``None``: plain causal mask).
+    ``(B, H, L, L)``: the causal score matrix of :func:`parallel_form`."""
+    L = phi_q.shape[-2]
+    tril = torch.ones(L, L, dtype=torch.bool, device=phi_q.device).tril()
+    if log_g is None:
+        return (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~tril, 0.0)
+    b = torch.cumsum(log_g.expand(*log_g.shape[:-2], L, log_g.shape[-1]), dim=-2)
+    diff = b[..., :, None, :] - b[..., None, :, :]  # (.., L, L, F or 1)
+    w = torch.exp(diff.masked_fill(~tril[..., None], float("-inf")))
+    if log_g.shape[-1] == 1:
+        return (phi_q @ phi_k.transpose(-1, -2)) * w[..., 0]
+    return torch.einsum("...if,...jf,...ijf->...ij", phi_q, phi_k, w)
 
 
 # --------------------------------------------------------------------------- forms
 
 
-def parallel_form(
-    phi_q: torch.Tensor,
-    phi_k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    decay=None,
-    normalize: bool,
-    initial_state: Optional[StateLike] = None,
-) -> torch.Tensor:
-    """Linear attention via the full ``(B, H, L, L)`` score matrix ``(phi_q phi_k^T) * D``
-    (``D`` the causal decay mask; see the module docstring). Returns ``(B, H, L, Dv)``."""
-    _check_qkv(phi_q, phi_k, v, 4)
-    _check_normalize(normalize)
-    _check_decay_causal(decay, causal)
+def parallel_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normalize: bool,
+                  initial_state: Optional[StateLike] = None) -> torch.Tensor:
+    """Linear attention via the full ``(B, H, L, L)`` gated score matrix (see the module
+    docstring; per-feature gates build an ``L x L x F`` weight). Returns ``(B, H, L, Dv)``."""
+    _check_modes(causal, decay, gate)
+    _check_qkv(phi_q, phi_k, v, 4, causal=causal)
+    _check_bool("normalize", normalize)
     B, H, L, Fd = phi_q.shape
     Dv = v.shape[-1]
-    gamma = _as_decay(decay, H, phi_q)
+    log_g = _log_gates(decay, gate, B, H, L, Fd, phi_q)
     S0, z0 = _as_state(initial_state, B, H, Fd, Dv, normalize, phi_q, "initial_state")
-
-    scores = phi_q @ phi_k.transpose(-1, -2)
+    ve = _with_ones(v, normalize)
     if causal:
-        scores = scores * _decay_matrix(gamma, L, phi_q)
-    num = scores @ v
-    den = scores.sum(dim=-1) if normalize else None
+        out = gated_scores(phi_q, phi_k, log_g) @ ve
+    else:
+        out = (phi_q @ phi_k.transpose(-1, -2)) @ ve
     if S0 is not None:
-        if gamma is None:
-            w = torch.ones(1, L, dtype=phi_q.dtype, device=phi_q.device)
-        else:
-            w = _powers(gamma, torch.arange(1, L + 1, device=phi_q.device))
-        num = num + w[None, :, :, None] * (phi_q @ S0)
-        if normalize:
-            den = den + w[None] * (phi_q @ z0[..., None]).squeeze(-1)
-    if normalize:
-        return num / (den[..., None] + EPS)
-    return num
+        qd = phi_q
+        if log_g is not None:
+            qd = phi_q * torch.exp(torch.cumsum(log_g.expand(*log_g.shape[:-2], L, log_g.shape[-1]), -2))
+        out = out + qd @ _joint_state(S0, z0, B, H, Fd, Dv, normalize, phi_q)
+    return _split(out, None, normalize)[0]
 
 
-def chunked_form(
-    phi_q: torch.Tensor,
-    phi_k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    decay=None,
-    normalize: bool,
-    chunk_size: int,
-    initial_state: Optional[StateLike] = None,
-    return_state: bool = False,
-):
-    """Chunkwise linear attention (Lightning Attention-2 style).
+def _intra_gated(q, k, b, mask):
+    """Intra-chunk scores ``sum_f q_if k_jf exp(b_if - b_jf)`` (``j <= i``) for per-feature
+    cumulative log gates ``b (.., C, F)``; factored when ``exp(-b)`` is safe, else exact."""
+    limit = 0.5 * math.log(torch.finfo(q.dtype).max)
+    if bool((-b).max() < limit):
+        scores = (q * torch.exp(b)) @ (k * torch.exp(-b)).transpose(-1, -2)
+        return scores.masked_fill(~mask, 0.0)
+    diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~mask[..., None], float("-inf"))
+    return torch.einsum("...if,...jf,...ijf->...ij", q, k, torch.exp(diff))
 
-    Each chunk of ``C <= chunk_size`` tokens (the last may be shorter) adds its intra-chunk
-    masked product ``((q k^T) * D_C) v`` to the inter-chunk term ``gamma^(r+1) q_r S`` from the
-    state ``S`` entering the chunk, then updates
-    ``S <- gamma^C S + sum_s gamma^(C-1-s) k_s v_s^T`` (and ``z`` alike with ``v_s = 1``).
-    The largest intermediates are ``(B, H, C, C)`` and ``(B, H, L, Dv)``. Non-causal calls use
-    one global state (no ``L x L`` either). Returns ``(B, H, L, Dv)``, or
-    ``(out, LinearAttentionState)`` when ``return_state`` (see the module docstring).
+
+def chunked_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normalize: bool,
+                 chunk_size: int, initial_state: Optional[StateLike] = None,
+                 return_state: bool = False):
+    """Chunkwise linear attention (Lightning Attention-2), exact to the recurrence.
+
+    The sequence is padded to ``N`` chunks of ``C = chunk_size`` tokens, viewed as
+    ``(B, H, N, C, .)`` and processed at once: per chunk the intra-chunk masked product
+    ``((q k^T) * W) v`` (``W[i, j] = exp(b_i - b_j)``, ``j <= i``) plus ``(q * exp(b)) S_n``
+    from the state ``S_n`` entering the chunk, where
+    ``S_{n+1} = exp(b_C) * S_n + sum_j exp(b_C - b_j) k_j v_j^T``. Without gates the states
+    are an exclusive cumulative sum over chunks; with gates, a loop over the ``N`` chunks of
+    ``(B, H, F, Dv)`` updates. Largest intermediates: ``(B, H, L, C)`` and
+    ``(B, H, N, F, Dv)``. Returns ``(B, H, L, Dv)``, or ``(out, LinearAttentionState)``
+    with ``return_state``.
     """
-    _check_qkv(phi_q, phi_k, v, 4)
-    _check_normalize(normalize)
-    _check_decay_causal(decay, causal)
+    _check_modes(causal, decay, gate)
+    _check_qkv(phi_q, phi_k, v, 4, causal=causal)
+    _check_bool("normalize", normalize)
     check_int("chunk_size", chunk_size, 1)
-    if not isinstance(return_state, bool):
-        raise TypeError(f"return_state must be a bool, got return_state={return_state!r}")
+    _check_bool("return_state", return_state)
     B, H, L, Fd = phi_q.shape
     Dv = v.shape[-1]
-    gamma = _as_decay(decay, H, phi_q)
-    S, z = _as_state(initial_state, B, H, Fd, Dv, normalize, phi_q, "initial_state")
-    if S is None:
-        S = phi_q.new_zeros(B, H, Fd, Dv)
-        z = phi_q.new_zeros(B, H, Fd) if normalize else None
+    log_g = _log_gates(decay, gate, B, H, L, Fd, phi_q)
+    S0, z0 = _as_state(initial_state, B, H, Fd, Dv, normalize, phi_q, "initial_state")
+    state = _joint_state(S0, z0, B, H, Fd, Dv, normalize, phi_q)
+    ve = _with_ones(v, normalize)
 
     if not causal:
-        S = S + phi_k.transpose(-1, -2) @ v
-        num = phi_q @ S
-        if normalize:
-            z = z + phi_k.sum(dim=-2)
-            out = num / ((phi_q @ z[..., None]) + EPS)
-        else:
-            out = num
-        return (out, LinearAttentionState(S, z)) if return_state else out
+        state = state + phi_k.transpose(-1, -2) @ ve
+        out, st = _split(phi_q @ state, state, normalize)
+        return (out, st) if return_state else out
+    if L == 0:
+        out, st = _split(ve[..., :0, :], state, normalize)
+        return (out, st) if return_state else out
 
-    cache = {}
+    C = min(chunk_size, L)
+    N = -(-L // C)
+    pad = N * C - L
 
-    def consts(c: int):
-        if c not in cache:
-            dev = phi_q.device
-            dmat = _decay_matrix(gamma, c, phi_q)
-            if gamma is None:
-                cache[c] = (dmat, None, None, None)
-            else:
-                q_w = _powers(gamma, torch.arange(1, c + 1, device=dev))[None, :, :, None]
-                k_w = _powers(gamma, torch.arange(c - 1, -1, -1, device=dev))[None, :, :, None]
-                s_w = torch.pow(gamma, float(c))[None, :, None, None]
-                cache[c] = (dmat, q_w, k_w, s_w)
-        return cache[c]
+    def chunks(x):
+        x = F.pad(x, (0, 0, 0, pad)) if pad else x
+        return x.reshape(*x.shape[:2], N, C, x.shape[-1])
 
-    outs = []
-    for start in range(0, L, chunk_size):
-        c = min(chunk_size, L - start)
-        q = phi_q[:, :, start:start + c]
-        k = phi_k[:, :, start:start + c]
-        vc = v[:, :, start:start + c]
-        dmat, q_w, k_w, s_w = consts(c)
-        scores = (q @ k.transpose(-1, -2)) * dmat
-        qd = q if q_w is None else q * q_w
-        num = scores @ vc + qd @ S
-        if normalize:
-            den = scores.sum(dim=-1, keepdim=True) + qd @ z[..., None]
-            outs.append(num / (den + EPS))
-        else:
-            outs.append(num)
-        kd = k if k_w is None else k * k_w
-        S_dec = S if s_w is None else S * s_w
-        S = S_dec + kd.transpose(-1, -2) @ vc
-        if normalize:
-            z_dec = z if s_w is None else z * s_w[..., 0]
-            z = z_dec + kd.sum(dim=-2)
-    if outs:
-        out = torch.cat(outs, dim=2)
+    q, k, vc = chunks(phi_q), chunks(phi_k), chunks(ve)
+    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if log_g is None:
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~mask, 0.0)
+        updates = k.transpose(-1, -2) @ vc  # (B, H, N, F, Dv')
+        before = torch.cumsum(updates, dim=2) - updates  # exclusive: state entering each chunk
+        states = before + state[:, :, None]
+        out = scores @ vc + q @ states
+        final = states[:, :, -1] + updates[:, :, -1]
     else:
-        out = v.new_zeros(B, H, 0, Dv)
-    return (out, LinearAttentionState(S, z)) if return_state else out
+        log_g = chunks(log_g.expand(log_g.shape[0], H, L, log_g.shape[-1]))
+        b = torch.cumsum(log_g, dim=-2)  # (B|1, H, N, C, F|1), non-increasing along C
+        b_last = b[..., -1:, :]
+        if b.shape[-1] == 1:
+            diff = (b - b.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+            scores = (q @ k.transpose(-1, -2)) * torch.exp(diff)
+        else:
+            scores = _intra_gated(q, k, b, mask)
+        updates = (k * torch.exp(b_last - b)).transpose(-1, -2) @ vc
+        carry = torch.exp(b_last).transpose(-1, -2)  # (B|1, H, N, F|1, 1)
+        states = []
+        for n in range(N):
+            states.append(state)
+            state = carry[:, :, n] * state + updates[:, :, n]
+        final = state
+        out = scores @ vc + (q * torch.exp(b)) @ torch.stack(states, dim=2)
+    out = out.reshape(B, H, N * C, -1)[:, :, :L]
+    out, st = _split(out, final, normalize)
+    return (out, st) if return_state else out
 
 
-def recurrent_step(
-    phi_q_t: torch.Tensor,
-    phi_k_t: torch.Tensor,
-    v_t: torch.Tensor,
-    state: Optional[StateLike],
-    *,
-    decay=None,
-    normalize: bool,
-):
-    """One causal token: ``S' = gamma S + k v^T``, ``z' = gamma z + k``,
-    ``out = q S'`` (divided by ``q . z' + eps`` when ``normalize``).
+def recurrent_step(phi_q_t, phi_k_t, v_t, state: Optional[StateLike], *, decay=None, gate=None,
+                   normalize: bool):
+    """One causal token: ``S' = g * S + k v^T``, ``z' = g * z + k``, ``out = q S'`` (divided
+    by ``q . z' + eps`` when ``normalize``), ``g`` the product of ``decay`` and ``gate``.
 
-    ``phi_q_t, phi_k_t (B, H, F)``, ``v_t (B, H, Dv)``; ``state`` ``(S, z)`` or ``None``
-    (zeros). Returns ``(out (B, H, Dv), LinearAttentionState)``.
+    ``phi_q_t, phi_k_t (B, H, F)``, ``v_t (B, H, Dv)``, ``gate`` ``(B, H)`` or ``(B, H, F)``
+    in ``(0, 1]``; ``state`` ``(S, z)`` or ``None`` (zeros). Returns
+    ``(out (B, H, Dv), LinearAttentionState)``.
     """
     _check_qkv(phi_q_t, phi_k_t, v_t, 3, suffix="_t")
-    _check_normalize(normalize)
+    _check_bool("normalize", normalize)
     B, H, Fd = phi_q_t.shape
     Dv = v_t.shape[-1]
-    gamma = _as_decay(decay, H, phi_q_t)
+    log_g = _log_gates(decay, None if gate is None else gate[:, :, None], B, H, 1, Fd, phi_q_t)
     S, z = _as_state(state, B, H, Fd, Dv, normalize, phi_q_t, "state")
-    kv = phi_k_t[..., :, None] * v_t[..., None, :]
-    if S is None:
-        S_new = kv
-        z_new = phi_k_t if normalize else None
-    else:
-        g = None if gamma is None else gamma[None, :, None]
-        S_new = (S if g is None else S * g[..., None]) + kv
-        z_new = ((z if g is None else z * g) + phi_k_t) if normalize else None
-    out = (phi_q_t[..., None, :] @ S_new).squeeze(-2)
-    if normalize:
-        out = out / ((phi_q_t * z_new).sum(dim=-1, keepdim=True) + EPS)
-    return out, LinearAttentionState(S_new, z_new)
+    st = _joint_state(S, z, B, H, Fd, Dv, normalize, phi_q_t)
+    if log_g is not None:
+        st = st * torch.exp(log_g[:, :, 0])[..., None]
+    st = st + phi_k_t[..., :, None] * _with_ones(v_t, normalize)[..., None, :]
+    out = (phi_q_t[..., None, :] @ st).squeeze(-2)
+    return _split(out, st, normalize)

@@ -1,8 +1,13 @@
-"""Exact reference for :mod:`attnlab.linear.forms`: a plain loop over query tokens.
+"""Exact reference for :mod:`attnlab.linear.forms`: the defining recurrence, one token at a time.
 
-Every output is computed straight from the defining equations (see the module docstring of
-:mod:`attnlab.linear.forms`), with explicit ``gamma^(i-j)`` weights; slow (``O(L^2)`` work)
-but free of chunking or state bookkeeping. Use float64 for exact comparisons.
+Causal::
+
+    S_t = g_t * S_{t-1} + k_t v_t^T,   z_t = g_t * z_{t-1} + k_t,   o_t = q_t S_t / (q_t . z_t + eps)
+
+(``/ (...)`` only when ``normalize``), non-causal ``o_i = q_i S / (q_i . z + eps)`` with
+``S = S0 + sum_j k_j v_j^T``. No chunking, no log-space bookkeeping, no shared code with the fast
+forms beyond argument checks: slow (a Python loop over tokens) and the ground truth of the tests.
+Use float64 for exact comparisons.
 """
 
 from __future__ import annotations
@@ -16,76 +21,58 @@ from attnlab.linear.forms import (
     LinearAttentionState,
     StateLike,
     _as_decay,
+    _as_gate,
     _as_state,
-    _check_decay_causal,
-    _check_normalize,
+    _check_bool,
+    _check_modes,
     _check_qkv,
 )
 
 __all__ = ["naive_recurrence"]
 
 
-def naive_recurrence(
-    phi_q: torch.Tensor,
-    phi_k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    decay=None,
-    normalize: bool,
-    initial_state: Optional[StateLike] = None,
-    return_state: bool = False,
-):
-    """For each ``i``: ``num_i = sum_{j in J_i} gamma^(i-j) (q_i . k_j) v_j + gamma^(i+1) q_i S0``
-    and ``den_i`` alike with ``v_j -> 1``, ``S0 -> z0``; ``o_i = num_i / (den_i + eps)`` when
-    ``normalize`` (``J_i = {0..i}`` causal, all ``j`` and ``gamma = 1`` non-causal).
+def naive_recurrence(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normalize: bool,
+                     initial_state: Optional[StateLike] = None, return_state: bool = False):
+    """The recurrence of the module docstring, token by token.
 
-    Returns ``(B, H, L, Dv)``, or ``(out, LinearAttentionState)`` with the final state
-    ``S = gamma^L S0 + sum_j gamma^(L-1-j) k_j v_j^T`` (``z`` alike) when ``return_state``.
+    ``phi_q, phi_k (B, H, L, F)``, ``v (B, H, L, Dv)``; ``decay`` per head and ``gate``
+    ``(B, H, L)`` / ``(B, H, L, F)`` in ``(0, 1]`` (causal only). Returns ``(B, H, L, Dv)``, or
+    ``(out, LinearAttentionState)`` with the final state when ``return_state``.
     """
-    _check_qkv(phi_q, phi_k, v, 4)
-    _check_normalize(normalize)
-    _check_decay_causal(decay, causal)
+    _check_modes(causal, decay, gate)
+    _check_qkv(phi_q, phi_k, v, 4, causal=causal)
+    _check_bool("normalize", normalize)
     B, H, L, Fd = phi_q.shape
     Dv = v.shape[-1]
     gamma = _as_decay(decay, H, phi_q)
-    if gamma is None:
-        gamma = torch.ones(H, dtype=phi_q.dtype, device=phi_q.device)
-    S0, z0 = _as_state(initial_state, B, H, Fd, Dv, normalize, phi_q, "initial_state")
-    g = gamma[None, :]  # (1, H)
+    g_tok = None if gate is None else _as_gate(gate, B, H, L, Fd, phi_q)
+    S, z = _as_state(initial_state, B, H, Fd, Dv, normalize, phi_q, "initial_state")
+    if S is None:
+        S = phi_q.new_zeros(B, H, Fd, Dv)
+        z = phi_q.new_zeros(B, H, Fd) if normalize else None
+
+    def read(q_t, S, z):
+        num = torch.einsum("bhf,bhfd->bhd", q_t, S)
+        if not normalize:
+            return num
+        return num / (torch.einsum("bhf,bhf->bh", q_t, z)[..., None] + EPS)
 
     outs = []
-    for i in range(L):
-        n = i + 1 if causal else L
-        q_i = phi_q[:, :, i]  # (B, H, F)
-        if causal:
-            w = g[..., None] ** (i - torch.arange(n, dtype=phi_q.dtype, device=phi_q.device))
-        else:
-            w = torch.ones(1, 1, n, dtype=phi_q.dtype, device=phi_q.device)
-        a = (q_i[:, :, None, :] * phi_k[:, :, :n]).sum(dim=-1) * w  # (B, H, n)
-        num = (a[..., None] * v[:, :, :n]).sum(dim=-2)  # (B, H, Dv)
-        den = a.sum(dim=-1)  # (B, H)
-        if S0 is not None:
-            g0 = g ** (i + 1) if causal else torch.ones_like(g)
-            num = num + g0[..., None] * (q_i[..., None] * S0).sum(dim=-2)
-            if normalize:
-                den = den + g0 * (q_i * z0).sum(dim=-1)
-        outs.append(num / (den[..., None] + EPS) if normalize else num)
-    out = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, Dv)
-    if not return_state:
-        return out
-
-    if causal:
-        w = g[..., None] ** (L - 1 - torch.arange(L, dtype=phi_q.dtype, device=phi_q.device))
-        gL = g ** L
+    if not causal:
+        S = S + torch.einsum("bhtf,bhtd->bhfd", phi_k, v)
+        z = z + phi_k.sum(dim=2) if normalize else None
+        outs = [read(phi_q[:, :, i], S, z) for i in range(L)]
     else:
-        w = torch.ones(1, 1, L, dtype=phi_q.dtype, device=phi_q.device)
-        gL = torch.ones_like(g)
-    kw = phi_k * w[..., None]  # (B, H, L, F)
-    S = (kw[..., :, None] * v[..., None, :]).sum(dim=2)
-    z = kw.sum(dim=2) if normalize else None
-    if S0 is not None:
-        S = S + gL[..., None, None] * S0
-        if normalize:
-            z = z + gL[..., None] * z0
-    return out, LinearAttentionState(S, z)
+        for t in range(L):
+            g = torch.ones(B, H, Fd, dtype=phi_q.dtype, device=phi_q.device)
+            if gamma is not None:
+                g = g * gamma[None, :, None]
+            if g_tok is not None:
+                g = g * g_tok[:, :, t]
+            k_t, v_t = phi_k[:, :, t], v[:, :, t]
+            S = g[..., None] * S + k_t[..., :, None] * v_t[..., None, :]
+            if normalize:
+                z = g * z + k_t
+            outs.append(read(phi_q[:, :, t], S, z))
+    out = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, Dv)
+    return (out, LinearAttentionState(S, z)) if return_state else out
