@@ -11,7 +11,7 @@ from attnlab.registry import format_table, get
 
 ENTRIES = al.catalog()
 NO_PAPER = {"document", "prefix_lm"}
-KINDS = {"pattern", "score_mod", "function"}
+KINDS = {"pattern", "score_mod", "operator", "function"}
 
 
 def test_catalog_is_not_empty_and_names_are_unique():
@@ -38,7 +38,10 @@ def test_entry_is_well_formed(mech):
     assert all(isinstance(x, bool) for x in (mech.exact, mech.causal, mech.cross))
     assert len(mech.ndims) >= 1 and set(mech.ndims) <= {1, 2, 3}
     assert list(mech.ndims) == sorted(set(mech.ndims))
-    assert set(mech.backends) <= set(all_backends())
+    if mech.kind == "operator":  # its own execution forms, not attention() backends
+        assert callable(mech.operator) and (mech.causal or mech.noncausal)
+    else:
+        assert set(mech.backends) <= set(all_backends()) and mech.operator is None
     if mech.kind in ("pattern", "score_mod"):
         assert "reference" in mech.backends and "tiled" in mech.backends
     assert callable(mech.example)

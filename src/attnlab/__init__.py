@@ -5,6 +5,7 @@
 """
 
 from .api import attention, attention_weights, explain
+from .linear import LinearAttentionState, linear_attention, linear_attention_weights
 from .merge import merge_attentions
 from .patterns import (
     BlockLayout, Blocked, BlockSparse, Causal, Document, Full, GlobalTokens, Grid, Halo,
@@ -22,5 +23,6 @@ __all__ = [
     "Paper", "Pattern", "MaskMod", "BlockLayout", "Tiling", "Full", "Causal", "SlidingWindow",
     "Neighborhood", "Blocked", "Grid", "Halo", "Strided", "Sinks", "GlobalTokens", "Document",
     "PrefixLM", "BlockSparse", "Radial", "ScoreMod", "ScoreContext", "ALiBi", "RelativeBias",
-    "RelativeEmbedding", "Softcap", "Temperature",
+    "RelativeEmbedding", "Softcap", "Temperature", "linear_attention", "linear_attention_weights",
+    "LinearAttentionState",
 ]

@@ -46,12 +46,18 @@ class Mechanism:
     """One catalog row.
 
     ``example(token_shape, heads)`` returns ``(pattern, score_mod)`` for a problem of that
-    token shape (self-attention) and number of query heads.
+    token shape (self-attention) and number of query heads. Mechanisms that are not a softmax
+    pattern (linear, spectral, ...) have ``kind="operator"`` and an ``operator(L, S, heads,
+    head_dim, causal)`` factory instead (:mod:`attnlab.operators`); ``noncausal`` says whether
+    they have a non-causal form (``causal`` whether they have a causal one).
+
+    ``exact``: the mechanism computes softmax attention exactly (over its pattern); linear and
+    spectral mechanisms are their own functions ("approx"), each exact to its own reference.
     """
 
     name: str
-    family: str  # "core" | "linear" | "adaptive" | ...
-    kind: str  # "pattern" | "score_mod" | "function"
+    family: str  # "core" | "linear" | "spectral" | "adaptive" | ...
+    kind: str  # "pattern" | "score_mod" | "operator" | "function"
     papers: tuple[Paper, ...]
     exact: bool
     causal: bool
@@ -60,6 +66,8 @@ class Mechanism:
     backends: tuple[str, ...]
     example: Callable[[tuple[int, ...], int], tuple[object, object]] = field(repr=False)
     summary: str = ""
+    operator: Callable[..., object] | None = field(default=None, repr=False)
+    noncausal: bool = True
 
     def as_row(self) -> dict[str, str]:
         return {
@@ -199,6 +207,89 @@ MECHANISMS: tuple[Mechanism, ...] = (
               True, True, True, _ALL_ND, (), lambda s, h: (None, None),
               "exact merge of split-KV partial attentions by log-sum-exp"),
 )
+
+
+def _no_example(shape: tuple[int, ...], heads: int) -> tuple[None, None]:
+    return None, None
+
+
+_LINEAR_FORMS = ("chunked", "parallel", "recurrent")
+_RNN = Paper("Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", 2020)
+_LIGHTNING = (Paper("Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language Models", 2024),
+              Paper("Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention", 2024),
+              Paper("Short-Long Convolutions Help Hardware-Efficient Linear Attention to Focus on Long Sequences", 2024))
+_DEVIL = Paper("The Devil in Linear Transformer", 2022)
+
+
+def _op(name: str, family: str, papers: tuple[Paper, ...], factory, summary: str, *, causal: bool = True,
+        noncausal: bool = True, cross: bool = True, exact: bool = False,
+        backends: tuple[str, ...] = ("fast", "reference")) -> Mechanism:
+    return Mechanism(name, family, "operator", papers, exact, causal, cross, (1,), backends, _no_example,
+                     summary, operator=factory, noncausal=noncausal)
+
+
+def _operators() -> tuple[Mechanism, ...]:
+    from . import operators as op
+
+    lin, spec = "linear", "spectral"
+    return (
+        _op("linear_attention", lin, (_RNN, *_LIGHTNING), op.linear_identity,
+            "phi = identity, unnormalised (fla's linear attention); chunked, parallel, recurrent",
+            backends=_LINEAR_FORMS),
+        _op("linear_elu", lin, (_RNN,), op.linear_elu, "phi = elu + 1, normalised", backends=_LINEAR_FORMS),
+        _op("performer", lin, (Paper("Rethinking Attention with Performers", 2021),), op.performer,
+            "FAVOR+ positive orthogonal random features (approximates softmax)", backends=_LINEAR_FORMS),
+        _op("cosformer", lin, (Paper("cosFormer: Rethinking Softmax in Attention", 2022),), op.cosformer,
+            "ReLU features with cos re-weighting of the distance", backends=_LINEAR_FORMS),
+        _op("based", lin, (Paper("Simple linear attention language models balance the recall-throughput tradeoff", 2024),),
+            op.based, "2nd-order Taylor features of exp", backends=_LINEAR_FORMS),
+        _op("hedgehog", lin, (Paper("The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax Mimicry", 2024),),
+            op.hedgehog, "learned softmax-MLP feature map", backends=_LINEAR_FORMS),
+        _op("t2r", lin, (Paper("Finetuning Pretrained Transformers into RNNs", 2021),), op.t2r,
+            "learned ReLU-MLP feature map", backends=_LINEAR_FORMS),
+        _op("retention", lin, (Paper("Retentive Network: A Successor to Transformer for Large Language Models", 2023),),
+            op.retention, "per-head exponential decay (RetNet)", noncausal=False, backends=_LINEAR_FORMS),
+        _op("gla", lin, (Paper("Gated Linear Attention Transformers with Hardware-Efficient Training", 2024),
+                         Paper("Lina-Speech: Gated Linear Attention is a Fast and Parameter-Efficient Learner for text-to-speech synthesis", 2024)),
+            op.gla, "data-dependent per-feature forget gates", noncausal=False, cross=False,
+            backends=_LINEAR_FORMS),
+        _op("transnormer_llm", lin, (Paper("TransNormerLLM: A Faster and Better Large Language Model with Improved TransNormer", 2023),
+                                     _LIGHTNING[1]),
+            op.transnormer_llm, "NormAttention with TNL's per-head decay", noncausal=False, cross=False),
+        _op("norm_attention", lin, (_DEVIL,), op.norm_attn, "output normalisation instead of a denominator",
+            cross=False),
+        _op("diag_attention", lin, (_DEVIL,), op.diag_attn, "softmax inside diagonal blocks", cross=False,
+            exact=True),
+        _op("efficient_attention", lin, (Paper("Efficient Attention: Attention with Linear Complexities", 2021),),
+            op.efficient, "softmax(Q) (softmax(K)^T V)", causal=False),
+        _op("agent_attention", lin, (Paper("Agent Attention: On the Integration of Softmax and Linear Attention", 2024),),
+            op.agent, "pooled agent tokens between queries and keys", causal=False),
+        _op("flow_attention", lin, (Paper("Flowformer: Linearizing Transformers with Conservation Flows", 2022),),
+            op.flow, "flow-conservation normalisation (competition, allocation)", causal=False),
+        _op("toeplitz_kernelized", lin,
+            (Paper("Stable, Fast and Accurate: Kernelized Attention with Relative Positional Encoding", 2021),),
+            op.toeplitz, "kernelized attention times a Toeplitz RPE via the FFT"),
+        _op("aaren", lin, (Paper("Attention as an RNN", 2024),), op.aaren_op,
+            "causal softmax of one query over every prefix, by a parallel prefix scan", noncausal=False,
+            cross=False, exact=True),
+        Mechanism("mamba_implicit", lin, "function",
+                  (Paper("The Hidden Attention of Mamba Models", 2024),
+                   Paper("Understanding the differences in Foundation Models: Attention, State Space Models, and Recurrent Neural Networks", 2024)),
+                  True, True, False, (1,), (), _no_example,
+                  "the implicit attention matrix of a selective SSM (and linear_attention_weights)"),
+        _op("fnet", spec, (Paper("FNet: Mixing Tokens with Fourier Transforms", 2022),), op.fnet,
+            "Re(FFT(FFT(x))) token mixing", causal=False, cross=False),
+        _op("global_filter", spec, (Paper("Global Filter Networks for Image Classification", 2021),), op.gfnet,
+            "learned global filter in the frequency domain (GFNet)", causal=False, cross=False),
+        _op("fftnet", spec, (Paper("The FFT Strikes Back: An Efficient Alternative to Self-Attention", 2025),),
+            op.fftnet, "input-adaptive spectral filter with modReLU", causal=False, cross=False),
+        _op("spectformer", spec,
+            (Paper("SpectFormer: Frequency and Attention is what you need in a Vision Transformer", 2023),),
+            op.spectformer, "spectral block: LN, global filter, LN, MLP", causal=False, cross=False),
+    )
+
+
+MECHANISMS = MECHANISMS + _operators()
 
 
 def _divisor(n: int) -> int:

@@ -5,8 +5,15 @@
 - :class:`NeighborhoodAttention1d` / ``2d`` / ``3d`` (and the generic
   :class:`NeighborhoodAttention`): NATTEN-style channels-last neighborhood attention layers.
 - :class:`RelativeSelfAttention`: the Music Transformer's causal relative self-attention.
+- Linear attention: :class:`LinearAttention`, :class:`Retention`, :class:`GatedLinearAttention`,
+  :class:`AgentAttention`, :class:`FlowAttention`, :class:`NormAttention`.
+- Spectral token mixers: :class:`FNetMixer`, :class:`GlobalFilter`, :class:`FFTNetMixer`,
+  :class:`SpectFormerBlock`.
 """
 
+from .agent import AgentAttention
+from .flow import FlowAttention
+from .linear import GatedLinearAttention, LinearAttention, Retention
 from .multihead import MultiheadAttention
 from .neighborhood import (
     NeighborhoodAttention,
@@ -15,10 +22,13 @@ from .neighborhood import (
     NeighborhoodAttention3d,
     NeighborhoodRelativeBias,
 )
+from .norm_attention import NormAttention
 from .relative import RelativeSelfAttention
+from .spectral import FFTNetMixer, FNetMixer, GlobalFilter, SpectFormerBlock
 
 __all__ = [
     "MultiheadAttention", "NeighborhoodAttention", "NeighborhoodAttention1d",
     "NeighborhoodAttention2d", "NeighborhoodAttention3d", "NeighborhoodRelativeBias",
-    "RelativeSelfAttention",
+    "RelativeSelfAttention", "LinearAttention", "Retention", "GatedLinearAttention", "AgentAttention",
+    "FlowAttention", "NormAttention", "FNetMixer", "GlobalFilter", "FFTNetMixer", "SpectFormerBlock",
 ]
