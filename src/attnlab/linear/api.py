@@ -7,12 +7,20 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from attnlab._checks import check_int
 from attnlab.geometry import check_qkv
 from attnlab.linear.feature_maps import EluPlusOne, Identity, ReLU
 from attnlab.linear.forms import (
+    EPS,
+    SEGMENT_TOKENS,
     LinearAttentionState,
+    _as_gate,
+    _as_state,
+    _joint_state,
+    _segment,
+    _with_ones,
     _check_bool,
     _check_modes,
     _log_gates,
@@ -63,8 +71,38 @@ def _apply_map(phi, x: torch.Tensor, name: str, positions: torch.Tensor, length:
     return out
 
 
+class _Mapper:
+    """The feature maps of one call: ``(q, k, pos_q, pos_k) -> (scale * phi(q), phi(k))`` in the
+    compute dtype, with ``F`` and ``scale`` fixed (and both maps checked) on the first token."""
+
+    def __init__(self, feature_map, scale, q, k, position_offset: int, L: int, S: int):
+        self.phi_q, self.phi_k = _feature_maps(feature_map)
+        self.length = max(L, S) + position_offset
+        dev = q.device
+        # keys take positions 0..S-1 and queries are bottom-right aligned with them
+        self.pos_k = torch.arange(S, device=dev) + position_offset
+        self.pos_q = torch.arange(L, device=dev) + position_offset + max(S - L, 0)
+        self.compute = q.dtype
+        self.scale = 1.0
+        fq, fk = self(q[:, :, :1], k[:, :, :1], self.pos_q[:1], self.pos_k[:1])
+        if fq.shape[-1] != fk.shape[-1]:
+            raise ValueError(f"the feature maps of q and k must give the same number of features, got "
+                             f"F={fq.shape[-1]} for q and F={fk.shape[-1]} for k")
+        self.F = fq.shape[-1]
+        if scale is None:
+            scale = 1.0 / math.sqrt(self.F)
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise TypeError(f"scale must be a finite float or None, got scale={scale!r}")
+        self.scale = scale
+
+    def __call__(self, q, k, pos_q, pos_k):
+        phi_q = _apply_map(self.phi_q, q, "q", pos_q, self.length).to(self.compute)
+        phi_k = _apply_map(self.phi_k, k, "k", pos_k, self.length).to(self.compute)
+        return phi_q * self.scale, phi_k
+
+
 def _prepare(q, k, v, feature_map, causal, decay, gate, normalize, scale, position_offset):
-    """Checked, flattened, head-expanded, feature-mapped inputs in the compute dtype."""
+    """Checked, flattened, head-expanded inputs in the compute dtype, and their :class:`_Mapper`."""
     geom = check_qkv(q, k, v)
     _check_bool("normalize", normalize)
     _check_modes(causal, decay, gate)
@@ -80,23 +118,47 @@ def _prepare(q, k, v, feature_map, causal, decay, gate, normalize, scale, positi
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-    phi_q_fn, phi_k_fn = _feature_maps(feature_map)
-    length = max(L, S) + position_offset
-    dev = q.device
-    # keys take positions 0..S-1 and queries are bottom-right aligned with them
-    pos_k = torch.arange(S, device=dev) + position_offset
-    pos_q = torch.arange(L, device=dev) + position_offset + max(S - L, 0)
-    phi_q = _apply_map(phi_q_fn, q, "q", pos_q, length)
-    phi_k = _apply_map(phi_k_fn, k, "k", pos_k, length)
-    if phi_q.shape[-1] != phi_k.shape[-1]:
-        raise ValueError(f"the feature maps of q and k must give the same number of features, got "
-                         f"F={phi_q.shape[-1]} for q and F={phi_k.shape[-1]} for k")
-    phi_q, phi_k = phi_q.to(compute), phi_k.to(compute)
-    if scale is None:
-        scale = 1.0 / math.sqrt(phi_q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got scale={scale!r}")
-    return geom, phi_q * scale, phi_k, v, compute
+    return geom, q, k, v, compute, _Mapper(feature_map, scale, q, k, position_offset, L, S)
+
+
+def _segmented(mapper: _Mapper, q, k, v, pos_q, pos_k, *, decay, gate, normalize, chunk_size, initial_state):
+    """The causal chunked form, segment by segment (:data:`~attnlab.linear.forms.SEGMENT_TOKENS`),
+    with the feature maps applied inside each segment. Under autograd every segment is
+    checkpointed: only its inputs and the state entering it are kept, and its forward is recomputed
+    in the backward pass, so memory beyond inputs, outputs and their gradients is one segment's."""
+    B, H, L, _ = q.shape
+    Dv = v.shape[-1]
+    S0, z0 = _as_state(initial_state, B, H, mapper.F, Dv, normalize, q, "initial_state")
+    state = _joint_state(S0, z0, B, H, mapper.F, Dv, normalize, q)
+    log_decay = _log_gates(decay, None, B, H, 1, mapper.F, q)
+    if gate is not None:
+        gate = _as_gate(gate, B, H, L, mapper.F, q)
+    C = min(chunk_size, L)
+    seg = C * max(1, SEGMENT_TOKENS // C)
+
+    def run(q_s, k_s, v_s, g_s, st, pq, pk):
+        phi_q, phi_k = mapper(q_s, k_s, pq, pk)
+        log_g = None if log_decay is None else log_decay.expand(1, H, q_s.shape[2], 1)
+        if g_s is not None:
+            log_g = torch.log(g_s) if log_g is None else log_g + torch.log(g_s)
+        out, st = _segment(phi_q, phi_k, _with_ones(v_s, normalize), log_g, st, C)
+        if normalize:
+            out = out[..., :-1] / (out[..., -1:] + EPS)
+        return out, st
+
+    parts = [t.split(seg, dim=2) for t in (q, k, v)]
+    gates = [None] * len(parts[0]) if gate is None else gate.split(seg, dim=2)
+    outs = []
+    for q_s, k_s, v_s, g_s, pq, pk in zip(*parts, gates, pos_q.split(seg), pos_k.split(seg)):
+        if torch.is_grad_enabled():
+            out, state = checkpoint(run, q_s, k_s, v_s, g_s, state, pq, pk, use_reentrant=False)
+        else:
+            out, state = run(q_s, k_s, v_s, g_s, state, pq, pk)
+        outs.append(out)
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    if normalize:
+        return out, LinearAttentionState(state[..., :-1], state[..., -1])
+    return out, LinearAttentionState(state, None)
 
 
 def _check_form(form, chunk_size) -> None:
@@ -196,21 +258,29 @@ def linear_attention(
     _check_bool("return_state", return_state)
     if form == "parallel" and return_state:
         raise ValueError("return_state=True needs form='chunked' or 'recurrent', got form='parallel'")
-    geom, phi_q, phi_k, v_, compute = _prepare(q, k, v, feature_map, causal, decay, gate, normalize,
-                                               scale, position_offset)
+    geom, q_, k_, v_, compute, mapper = _prepare(q, k, v, feature_map, causal, decay, gate, normalize,
+                                                 scale, position_offset)
     B, Hq, L, S = geom.batch, geom.q_heads, geom.q_len, geom.kv_len
     if gate is not None:
         gate = gate.to(compute)
     state = initial_state
+    pos_q, pos_k = mapper.pos_q, mapper.pos_k
     kw = dict(causal=causal, decay=decay, gate=gate, normalize=normalize, chunk_size=chunk_size)
     if causal and S > L:
         # keys before the first query are visible to all queries: fold them into the state
-        prefix_k = phi_k[:, :, :S - L]  # its outputs are discarded, so it also serves as phi_q
+        _, prefix_k = mapper(q_[:, :, :0], k_[:, :, :S - L], pos_q[:0], pos_k[:S - L])
+        # the prefix's outputs are discarded, so its keys also serve as its queries
         _, state = chunked_form(prefix_k, prefix_k, v_[:, :, :S - L], initial_state=state,
                                 return_state=True, **kw)
-        phi_k, v_ = phi_k[:, :, S - L:], v_[:, :, S - L:]
+        k_, v_, pos_k = k_[:, :, S - L:], v_[:, :, S - L:], pos_k[S - L:]
     n_empty = max(L - S, 0) if causal else 0
-    out, state = _run_form(form, phi_q[:, :, n_empty:], phi_k, v_, initial_state=state, **kw)
+    q_, pos_q = q_[:, :, n_empty:], pos_q[n_empty:]
+    if causal and form in ("auto", "chunked") and q_.shape[2] > 0:
+        out, state = _segmented(mapper, q_, k_, v_, pos_q, pos_k, decay=decay, gate=gate, normalize=normalize,
+                                chunk_size=chunk_size, initial_state=state)
+    else:
+        phi_q, phi_k = mapper(q_, k_, pos_q, pos_k)
+        out, state = _run_form(form, phi_q, phi_k, v_, initial_state=state, **kw)
     if n_empty:
         out = torch.cat([out.new_zeros(B, Hq, n_empty, out.shape[-1]), out], dim=2)
     out = out.reshape(B, Hq, *geom.q_shape, out.shape[-1]).to(q.dtype)
@@ -238,7 +308,8 @@ def linear_attention_weights(
     Mamba Models", 2024), for inspection. Materialises ``L x S`` (``L x S x F`` for per-feature
     gates); refuses problems above ``2**28`` elements. ``v`` only fixes the geometry.
     """
-    geom, phi_q, phi_k, _, _ = _prepare(q, k, v, feature_map, causal, decay, gate, normalize, scale, 0)
+    geom, q_, k_, _, _, mapper = _prepare(q, k, v, feature_map, causal, decay, gate, normalize, scale, 0)
+    phi_q, phi_k = mapper(q_, k_, mapper.pos_q, mapper.pos_k)
     B, Hq, L, S = geom.batch, geom.q_heads, geom.q_len, geom.kv_len
     T = max(L, S) if causal else 0
     per_feature = gate is not None and gate.dim() == 4

@@ -40,7 +40,8 @@ Forms
   Lunch for Handling Unlimited Sequence Lengths in Large Language Models", 2024) splits the
   sequence into chunks of ``chunk_size`` tokens, all processed at once: an intra-chunk masked
   ``C x C`` product plus the inter-chunk term from the state entering each chunk; the states
-  are a cumulative sum over chunks (a short loop over chunks when gated). Memory
+  are a cumulative sum over chunks (a short loop over chunks when gated), in segments of
+  :data:`SEGMENT_TOKENS` tokens carried one to the next. Memory
   ``O(L C + (L / C) F Dv)``, never ``L x L``. Plain autograd differentiates it.
 * :func:`recurrent_step` advances one token in ``O(F Dv)`` (causal only): decoding.
 
@@ -72,6 +73,9 @@ __all__ = [
 ]
 
 EPS = 1e-6
+SEGMENT_TOKENS = 2048
+"""Tokens per segment of :func:`chunked_form`: segments run one after the other (carrying the
+state), their chunks all at once, so the working set stays cache-sized and the time linear."""
 
 
 @dataclass
@@ -347,6 +351,25 @@ def chunked_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normal
         return (out, st) if return_state else out
 
     C = min(chunk_size, L)
+    seg = C * max(1, SEGMENT_TOKENS // C)
+    if log_g is not None:
+        log_g = log_g.expand(log_g.shape[0], H, L, log_g.shape[-1])
+    # split, not slices: the backward of one split is one concatenation, that of n slices
+    # n full-size zero tensors
+    parts = [t.split(seg, dim=2) for t in (phi_q, phi_k, ve)]
+    gates = [None] * len(parts[0]) if log_g is None else log_g.split(seg, dim=2)
+    outs = []
+    for q_s, k_s, v_s, g_s in zip(*parts, gates):
+        out, state = _segment(q_s, k_s, v_s, g_s, state, C)
+        outs.append(out)
+    out, st = _split(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], state, normalize)
+    return (out, st) if return_state else out
+
+
+def _segment(phi_q, phi_k, ve, log_g, state, C: int):
+    """The causal chunked computation of one segment (all its chunks at once) from the joint
+    state ``[S | z]`` entering it; returns ``(out (B, H, n, Dv'), state after it)``."""
+    B, H, L, _ = phi_q.shape
     N = -(-L // C)
     pad = N * C - L
 
@@ -364,8 +387,7 @@ def chunked_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normal
         out = scores @ vc + q @ states
         final = states[:, :, -1] + updates[:, :, -1]
     else:
-        log_g = chunks(log_g.expand(log_g.shape[0], H, L, log_g.shape[-1]))
-        b = torch.cumsum(log_g, dim=-2)  # (B|1, H, N, C, F|1), non-increasing along C
+        b = torch.cumsum(chunks(log_g), dim=-2)  # (B|1, H, N, C, F|1), non-increasing along C
         b_last = b[..., -1:, :]
         if b.shape[-1] == 1:
             diff = (b - b.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
@@ -380,9 +402,7 @@ def chunked_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normal
             state = carry[:, :, n] * state + updates[:, :, n]
         final = state
         out = scores @ vc + (q * torch.exp(b)) @ torch.stack(states, dim=2)
-    out = out.reshape(B, H, N * C, -1)[:, :, :L]
-    out, st = _split(out, final, normalize)
-    return (out, st) if return_state else out
+    return out.reshape(B, H, N * C, -1)[:, :, :L], final
 
 
 def recurrent_step(phi_q_t, phi_k_t, v_t, state: Optional[StateLike], *, decay=None, gate=None,
