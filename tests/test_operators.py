@@ -55,3 +55,16 @@ def test_float32_runs_and_is_close_to_float64(mech):
     ref = op.reference(q.double(), k.double(), v.double())
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out.double() - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("mech", OPERATORS, ids=[m.name for m in OPERATORS])
+def test_reference_call_does_not_break_a_pending_fast_backward(mech):
+    """The benchmark runs the fast path, then the float64 reference, then the fast backward:
+    operators with parameters must not cast them in place."""
+    causal = not mech.noncausal
+    q = torch.randn(1, 2, 20, 8, requires_grad=True)
+    op = mech.operator(20, 20, 2, 8, causal)
+    out = op.fast(q, q, q)
+    op.reference(q.double(), q.double(), q.double())
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()

@@ -10,6 +10,7 @@ are used when that is not obvious (token mixers mix ``v``; Aaren reads one query
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,15 +49,30 @@ class Operator:
     note: str = ""
 
 
-def _seeded(seed: int = 0):
+def _seeded():
     return torch.random.fork_rng(devices=[])
 
 
+def _per_dtype(module: torch.nn.Module) -> Callable[[torch.dtype], torch.nn.Module]:
+    """A copy of ``module`` per dtype (never cast in place: a graph built with one dtype's
+    parameters must keep them for its backward)."""
+    copies: dict[torch.dtype, torch.nn.Module] = {}
+
+    def get(dtype: torch.dtype) -> torch.nn.Module:
+        if dtype not in copies:
+            copies[dtype] = copy.deepcopy(module).to(dtype)
+        return copies[dtype]
+
+    return get
+
+
 def _linear(feature_map, *, normalize: bool = True, decay=None, causal: bool, prep=None, note: str = ""):
+    maps = _per_dtype(feature_map) if isinstance(feature_map, torch.nn.Module) else None
+
     def run(q, k, v, form):
         if prep is not None:
             q, k = prep(q), prep(k)
-        fm = feature_map.to(q.dtype) if isinstance(feature_map, torch.nn.Module) else feature_map
+        fm = maps(q.dtype) if maps is not None else feature_map
         return linear_attention(q, k, v, feature_map=fm, causal=causal, decay=decay, normalize=normalize,
                                 form=form)
 
@@ -195,13 +211,13 @@ def fftnet(L, S, heads, head_dim, causal):
 
     with _seeded():
         torch.manual_seed(0)
-        mod = FFTNetMixer(heads * head_dim, S, hidden=4).requires_grad_(False)
+        mod = _per_dtype(FFTNetMixer(heads * head_dim, S, hidden=4).requires_grad_(False))
 
     def ref(x):
-        m = mod.to(x.dtype)
+        m = mod(x.dtype)
         return adaptive_spectral_filter_reference(x, m.base_filter, m.mlp, m.modrelu_bias)
 
-    return _mixer(lambda x: mod.to(x.dtype)(x), ref, heads)
+    return _mixer(lambda x: mod(x.dtype)(x), ref, heads)
 
 
 def spectformer(L, S, heads, head_dim, causal):
@@ -209,10 +225,10 @@ def spectformer(L, S, heads, head_dim, causal):
 
     with _seeded():
         torch.manual_seed(0)
-        mod = SpectFormerBlock(heads * head_dim, S).requires_grad_(False)
+        mod = _per_dtype(SpectFormerBlock(heads * head_dim, S).requires_grad_(False))
 
     def ref(x):
-        m = mod.to(x.dtype)
+        m = mod(x.dtype)
         return spectformer_block_reference(x, m.filter.complex_weight, m.norm1, m.norm2, m.mlp)
 
-    return _mixer(lambda x: mod.to(x.dtype)(x), ref, heads)
+    return _mixer(lambda x: mod(x.dtype)(x), ref, heads)

@@ -82,11 +82,20 @@ def scaled_error(fast: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def reference_error(case: Case) -> tuple[float, float]:
-    """``(err_out, err_grad)`` of :func:`attnlab.attention` in the case's dtype against the
-    float64 reference backend, for the same inputs and output gradient."""
+    """``(err_out, err_grad)`` of :func:`attnlab.attention` (or the operator's fast path) in the
+    case's dtype against the float64 reference backend (the operator's reference), for the same
+    inputs and output gradient."""
     gen = torch.Generator(device="cpu").manual_seed(1)
     leaves = [x.detach().clone().requires_grad_() for x in (case.q, case.k, case.v)]
     exact_leaves = [x.detach().double().requires_grad_() for x in (case.q, case.k, case.v)]
+    if case.is_operator:
+        out = case.operator.fast(*leaves)
+        grad = torch.randn(out.shape, generator=gen).to(out)
+        ref = case.operator.reference(*exact_leaves)
+        fast = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+        exact = torch.autograd.grad(ref, exact_leaves, grad.double(), allow_unused=True)
+        errs = [scaled_error(a, b) for a, b in zip(fast, exact) if a is not None and b is not None]
+        return scaled_error(out, ref), max(errs, default=0.0)
     params = list(case.score_mod.parameters()) if case.score_mod is not None else []
     out = attention(*leaves, case.pattern, case.score_mod)
     grad = torch.randn(out.shape, generator=gen).to(out)
@@ -117,7 +126,7 @@ def _measure_impl(impl: Impl, case: Case, repeats: int, error_limit_bytes: int) 
         if prep.backward is not None:
             res["reason"] = "; ".join(r for r in (prep.backward, prep.note) if r)
         if impl.name == "attnlab":
-            res["density"] = density(case.pattern, case.geometry)
+            res["density"] = None if case.is_operator else density(case.pattern, case.geometry)
             m = case.measurement
             if m.batch * m.heads * m.L * m.S * 8 * 3 <= error_limit_bytes:
                 res["err_out"], res["err_grad"] = reference_error(case)
@@ -134,8 +143,12 @@ def _measure_impl(impl: Impl, case: Case, repeats: int, error_limit_bytes: int) 
 
 def make_case(measurement: Measurement, mechanism: Mechanism, memory_limit_bytes: int, seed: int = 0) -> Case:
     q, k, v, pattern, score_mod = build_problem(measurement, mechanism, seed=seed)
+    operator = None
+    if mechanism.kind == "operator":
+        m = measurement
+        operator = mechanism.operator(m.L, m.S, m.heads, m.head_dim, m.causal)
     return Case(measurement, mechanism, q, k, v, as_pattern(pattern), as_score_mod(score_mod),
-                check_qkv(q, k, v), memory_limit_bytes)
+                check_qkv(q, k, v), memory_limit_bytes, operator)
 
 
 def run_measurement(measurement: Measurement, mechanism: Mechanism, impls: list[Impl], *,

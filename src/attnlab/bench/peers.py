@@ -58,6 +58,11 @@ class Case:
     score_mod: ScoreMod | None
     geometry: Geometry
     memory_limit_bytes: int
+    operator: Any = None  # the mechanism's Operator (kind "operator"), built for this problem
+
+    @property
+    def is_operator(self) -> bool:
+        return self.operator is not None
 
     @property
     def device(self) -> torch.device:
@@ -101,6 +106,8 @@ class Attnlab(Impl):
     name = "attnlab"
 
     def prepare(self, case: Case) -> Prepared:
+        if case.is_operator:
+            return Prepared(case.operator.fast, backend="operator", note=case.operator.note or None)
         pattern, score_mod = case.pattern, case.score_mod
         backend = explain(case.q, case.k, case.v, pattern, score_mod).backend
         return Prepared(lambda q, k, v: attention(q, k, v, pattern, score_mod), backend=backend)
@@ -145,6 +152,9 @@ class SDPADense(Impl):
 
     name = "sdpa_dense"
 
+    def applies(self, case: Case) -> bool:
+        return not case.is_operator  # no mask to densify: sdpa_fast is the cost baseline
+
     def prepare(self, case: Case) -> Prepared:
         per_element = 4 if case.device.type == "cuda" else 16  # CPU math path keeps probabilities
         _check_memory(case, _dense_bytes(case, per_element), "dense SDPA")
@@ -167,7 +177,8 @@ class SDPADense(Impl):
 
 class SDPADenseFast(Impl):
     """``scaled_dot_product_attention`` *without* the pattern: no mask, or ``is_causal=True``
-    for causal self attention. This is what ignoring the sparsity costs with PyTorch's fastest
+    for causal self attention. For linear and spectral mechanisms it is softmax attention on
+    the same inputs. This is what ignoring the sparsity costs with PyTorch's fastest
     dense kernels (FlashAttention-2 on CUDA, "FlashAttention-2: Faster Attention with Better
     Parallelism and Work Partitioning", 2023). It does not compute the mechanism's function:
     a cost baseline only. Causal cross attention runs unmasked (SDPA's ``is_causal`` aligns
@@ -196,6 +207,9 @@ class _Flex(Impl):
     package = "torch.nn.attention.flex_attention"
     pip = "torch>=2.5"
     compiled = False
+
+    def applies(self, case: Case) -> bool:
+        return not case.is_operator
 
     def prepare(self, case: Case) -> Prepared:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -255,7 +269,7 @@ class Natten(Impl):
     pip = "--no-build-isolation natten"
 
     def applies(self, case: Case) -> bool:
-        return case.mechanism.name == "neighborhood"
+        return case.mechanism.name == "neighborhood" and not case.is_operator
 
     def prepare(self, case: Case) -> Prepared:
         import natten

@@ -9,8 +9,10 @@ decoder attending to a shorter encoded context; causal cross is bottom-right ali
 Which patterns a mechanism gets (:func:`supported_patterns`), from its catalog row and
 its ``example`` built at :data:`PROBE_LENGTH` tokens:
 
-- only ``kind`` in ``kinds`` (``"pattern"``/``"score_mod"``) and 1-D mechanisms
+- only ``kind`` in ``kinds`` (``"pattern"``/``"score_mod"``/``"operator"``) and 1-D mechanisms
   (``1 in ndims``): the sweep is over sequence lengths;
+- an ``"operator"`` row (linear, spectral, ...) gets the patterns its flags allow (``causal``,
+  ``noncausal``, ``cross``); its problem carries ``Causal()`` or ``Full()`` only as a label;
 - the example must accept the problem (its pattern's and score mod's ``validate`` do not
   raise for these ``heads``/``head_dim``); cross variants also need ``mechanism.cross`` and
   an example that accepts ``S != L`` (a self-only example, e.g. document ids without
@@ -41,7 +43,7 @@ CAUSAL_SELF = "causal-self"
 NONCAUSAL_CROSS = "noncausal-cross"
 CAUSAL_CROSS = "causal-cross"
 ALL_FOUR: tuple[str, ...] = (NONCAUSAL_SELF, CAUSAL_SELF, NONCAUSAL_CROSS, CAUSAL_CROSS)
-PLANNABLE_KINDS: tuple[str, ...] = ("pattern", "score_mod")
+PLANNABLE_KINDS: tuple[str, ...] = ("pattern", "score_mod", "operator")
 PROBE_LENGTH = 128  # tokens of the example on which causality and cross support are probed
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -146,6 +148,10 @@ def supported_patterns(mechanism: Mechanism | str, patterns: Sequence[str] = ALL
     of the module docstring; ``()`` for non-1-D mechanisms, ``kind="function"``, and examples
     that refuse even self-attention with these ``heads``/``head_dim`` (``validate`` raises)."""
     mech = _mechanism(mechanism)
+    if mech.kind == "operator":  # its catalog flags say which of the four it has
+        return tuple(p for p in patterns
+                     if (mech.causal if p.startswith("causal") else mech.noncausal)
+                     and (mech.cross or not p.endswith("cross")))
     if 1 not in mech.ndims or mech.kind not in PLANNABLE_KINDS or not _accepts(mech, PROBE_LENGTH, heads, head_dim):
         return ()
     inherent = example_is_causal(mech, heads)
@@ -229,7 +235,9 @@ def build_problem(measurement: Measurement, mechanism: Mechanism | str, *, seed:
     _pos_int("seed", seed, 0)
     m = measurement
     pattern, score_mod = _example(mech, m.L, m.heads, seed)
-    if m.causal and not example_is_causal(mech, m.heads):
+    if mech.kind == "operator":  # not a pattern: the operator is built by the case
+        pattern = Causal() if m.causal else Full()
+    elif m.causal and not example_is_causal(mech, m.heads):
         pattern = as_pattern(pattern)
         pattern = Causal() if type(pattern) is Full else pattern & Causal()
     if isinstance(score_mod, torch.nn.Module):

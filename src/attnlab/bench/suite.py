@@ -46,7 +46,7 @@ PRESETS: dict[str, Preset] = {
     # a first look in about 3 minutes on 2 CPU cores: self attention only, and no
     # FlexAttention (torch.compile takes 5-10 s per problem on a CPU)
     "quick": Preset((256, 1024), (NONCAUSAL_SELF, CAUSAL_SELF),
-                    ("sdpa_dense", "sdpa_fast", "natten", "local_attention", "fla_naive"), 3, "quick"),
+                    ("sdpa_dense", "sdpa_fast", "natten", "local_attention"), 3, "quick"),
     "full": Preset((256, 1024, 4096, 16384), ALL_FOUR, None, 5, "full"),
 }
 
