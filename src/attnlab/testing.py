@@ -4,6 +4,8 @@ users who write a Pattern can check it the same way)."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .geometry import Geometry, index_grid
 from .patterns.base import Pattern
@@ -135,7 +137,24 @@ def rel_error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item() if b.numel() else 0.0
 
 
+class MaxNumel(TorchDispatchMode):
+    """Records ``max_numel``, the element count of the largest tensor any aten op produces
+    inside the ``with`` block: tests assert that a fast path never forms an ``L x S`` tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
 __all__ = [
+    "MaxNumel",
     "make_geometry",
     "dense_mask",
     "exact_tile_layout",

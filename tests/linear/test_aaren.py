@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnlab
 from attnlab.linear.aaren import AarenState, aaren, aaren_reference, aaren_step
+from attnlab.testing import MaxNumel
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 D, DV = 5, 3
@@ -173,23 +172,12 @@ def test_low_precision_sanity(dtype, tol):
     assert o.dtype == dtype and st.w.dtype == torch.float32
 
 
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 def test_scan_never_materialises_S_by_S():
     S = 400
     q, k, v = (t.float().requires_grad_(True) for t in _inputs(S, 2, 1, batch=1))
-    mode = _MaxNumel()
+    mode = MaxNumel()
     with mode:
         aaren(q, k, v).sum().backward()
     assert q.grad is not None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from attnlab.linear.efficient import efficient_attention, efficient_attention_reference
+from attnlab.testing import MaxNumel
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -85,27 +84,16 @@ def test_low_precision_close_to_float64(dtype, tol):
     torch.testing.assert_close(out.to(F64), ref, rtol=tol, atol=tol)
 
 
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 def test_fast_path_never_forms_L_by_S():
     L = S = 1024
     q, k, v = (torch.randn(1, 1, n, 8, requires_grad=True) for n in (L, S, S))
-    mode = _MaxNumel()
+    mode = MaxNumel()
     with mode:
         efficient_attention(q, k, v).sum().backward()
     assert k.grad is not None and 0 < mode.max_numel < L * S / 64
-    mode = _MaxNumel()
+    mode = MaxNumel()
     with mode:  # the mode does see an L x S tensor when one is made
         efficient_attention_reference(q, k, v)
     assert mode.max_numel >= L * S

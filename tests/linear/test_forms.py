@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from attnlab.linear import (
     EluPlusOne,
@@ -20,6 +18,7 @@ from attnlab.linear import (
     parallel_form,
     recurrent_step,
 )
+from attnlab.testing import MaxNumel
 
 B, H, F, DV = 2, 3, 4, 5
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -242,17 +241,6 @@ def test_performer_bad_args():
 # --------------------------------------------------------------------------- memory
 
 
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("decay", [None, 0.99])
@@ -262,14 +250,14 @@ def test_chunked_never_allocates_L_by_L(decay):
     q = torch.rand(1, 1, L, 16, generator=gen, requires_grad=True)
     k = torch.rand(1, 1, L, 16, generator=gen, requires_grad=True)
     v = torch.randn(1, 1, L, 16, generator=gen, requires_grad=True)
-    mode = _MaxNumel()
+    mode = MaxNumel()
     with mode:
         out = chunked_form(q, k, v, causal=True, decay=decay, normalize=True, chunk_size=C)
         out.sum().backward()
     assert q.grad is not None and k.grad is not None and v.grad is not None
     assert 0 < mode.max_numel < L * L / 8
     # the mode does see an L x L when one is made
-    mode = _MaxNumel()
+    mode = MaxNumel()
     with mode:
         parallel_form(q[..., :256, :], k[..., :256, :], v[..., :256, :], causal=True,
                       normalize=True)

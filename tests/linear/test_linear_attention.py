@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnlab
+from attnlab.testing import MaxNumel
 from attnlab.linear import (
     CosFormer,
     EluPlusOne,
@@ -266,12 +267,10 @@ def test_separate_query_and_key_maps():
 
 
 def test_no_L_by_L_tensor_in_the_chunked_form():
-    from tests.linear.test_forms import _MaxNumel
-
     B, H, L, D = 1, 2, 300, 4
     q, k, v = _qkv(B=B, Hq=H, Hkv=H, L=L, D=D, Dv=4, dtype=torch.float32, grad=True)
     gate = _gate(B, H, L, D).float()
-    with _MaxNumel() as m:
+    with MaxNumel() as m:
         out = linear_attention(q, k, v, causal=True, gate=gate, chunk_size=16)
         out.sum().backward()
     assert m.max_numel < L * L
@@ -330,10 +329,8 @@ def test_bad_tensors_and_gate_with_cross_causal():
 def test_many_checkpointed_segments_match_recurrence_with_grads(monkeypatch, gate_kind):
     """Segments of 8 tokens (instead of 2048) so that a short input crosses many of them, each
     checkpointed; outputs, returned state and all gradients must still be exact."""
-    import attnlab.linear.api as api
     import attnlab.linear.forms as forms
 
-    monkeypatch.setattr(api, "SEGMENT_TOKENS", 8)
     monkeypatch.setattr(forms, "SEGMENT_TOKENS", 8)
     B, Hq, L, D = 2, 4, 45, 6
     q, k, v = _qkv(B=B, Hq=Hq, L=L, D=D, grad=True)

@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from attnlab.linear.ssm import mamba_implicit_attention, selective_scan, selective_scan_reference
+from attnlab.testing import MaxNumel
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 BT, DM, N = 2, 3, 4
@@ -177,23 +176,12 @@ def test_mixed_dtypes_compute_in_the_widest():
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
 
 
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 def test_scan_never_materialises_L_by_L():
     L = 300
     x, delta, A, B, C, D, h0 = (t.float().requires_grad_(True) for t in _inputs(L))
-    mode = _MaxNumel()
+    mode = MaxNumel()
     with mode:
         selective_scan(x, delta, A, B, C, D, h0).sum().backward()
     assert delta.grad is not None and A.grad is not None

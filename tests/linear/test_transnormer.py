@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import attnlab as al
 from attnlab.linear.feature_maps import PerformerRandomFeatures, ReLU
@@ -16,6 +14,7 @@ from attnlab.linear.transnormer import (
     norm_attention,
     norm_attention_reference,
 )
+from attnlab.testing import MaxNumel
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -146,24 +145,13 @@ def test_norm_attention_low_precision(dtype, tol):
         torch.testing.assert_close(out.to(F64), ref, rtol=tol, atol=tol)
 
 
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_norm_attention_never_forms_L_by_L(causal):
     L = 512
     q, k, v = (torch.randn(1, 1, L, 8, requires_grad=True) for _ in range(3))
-    mode = _MaxNumel()
+    mode = MaxNumel()
     with mode:
         norm_attention(q, k, v, causal=causal, chunk_size=32).sum().backward()
     assert k.grad is not None and 0 < mode.max_numel < L * L / 8

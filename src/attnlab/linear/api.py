@@ -7,20 +7,17 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from attnlab._checks import check_int
 from attnlab.geometry import check_qkv
 from attnlab.linear.feature_maps import EluPlusOne, Identity, ReLU
 from attnlab.linear.forms import (
-    EPS,
-    SEGMENT_TOKENS,
     LinearAttentionState,
     _as_gate,
     _as_state,
     _joint_state,
-    _segment,
-    _with_ones,
+    _split,
+    causal_segments,
     _check_bool,
     _check_modes,
     _log_gates,
@@ -81,7 +78,7 @@ class _Mapper:
         dev = q.device
         # keys take positions 0..S-1 and queries are bottom-right aligned with them
         self.pos_k = torch.arange(S, device=dev) + position_offset
-        self.pos_q = torch.arange(L, device=dev) + position_offset + max(S - L, 0)
+        self.pos_q = torch.arange(L, device=dev) + position_offset + (S - L)
         self.compute = q.dtype
         self.scale = 1.0
         fq, fk = self(q[:, :, :1], k[:, :, :1], self.pos_q[:1], self.pos_k[:1])
@@ -121,44 +118,21 @@ def _prepare(q, k, v, feature_map, causal, decay, gate, normalize, scale, positi
     return geom, q, k, v, compute, _Mapper(feature_map, scale, q, k, position_offset, L, S)
 
 
-def _segmented(mapper: _Mapper, q, k, v, pos_q, pos_k, *, decay, gate, normalize, chunk_size, initial_state):
-    """The causal chunked form, segment by segment (:data:`~attnlab.linear.forms.SEGMENT_TOKENS`),
-    with the feature maps applied inside each segment. Under autograd every segment is
-    checkpointed: only its inputs and the state entering it are kept, and its forward is recomputed
-    in the backward pass, so memory beyond inputs, outputs and their gradients is one segment's."""
+def _segmented(mapper: _Mapper, q, k, v, positions, *, decay, gate, normalize, chunk_size, initial_state):
+    """The causal chunked form (:func:`~attnlab.linear.forms.causal_segments`) with the feature
+    maps applied inside each segment. Under autograd every segment is checkpointed: only its
+    inputs and the state entering it are kept, and its forward is recomputed in the backward
+    pass, so memory beyond inputs, outputs and their gradients is about one segment's."""
     B, H, L, _ = q.shape
     Dv = v.shape[-1]
     S0, z0 = _as_state(initial_state, B, H, mapper.F, Dv, normalize, q, "initial_state")
     state = _joint_state(S0, z0, B, H, mapper.F, Dv, normalize, q)
-    log_decay = _log_gates(decay, None, B, H, 1, mapper.F, q)
-    if gate is not None:
-        gate = _as_gate(gate, B, H, L, mapper.F, q)
-    C = min(chunk_size, L)
-    seg = C * max(1, SEGMENT_TOKENS // C)
-
-    def run(q_s, k_s, v_s, g_s, st, pq, pk):
-        phi_q, phi_k = mapper(q_s, k_s, pq, pk)
-        log_g = None if log_decay is None else log_decay.expand(1, H, q_s.shape[2], 1)
-        if g_s is not None:
-            log_g = torch.log(g_s) if log_g is None else log_g + torch.log(g_s)
-        out, st = _segment(phi_q, phi_k, _with_ones(v_s, normalize), log_g, st, C)
-        if normalize:
-            out = out[..., :-1] / (out[..., -1:] + EPS)
-        return out, st
-
-    parts = [t.split(seg, dim=2) for t in (q, k, v)]
-    gates = [None] * len(parts[0]) if gate is None else gate.split(seg, dim=2)
-    outs = []
-    for q_s, k_s, v_s, g_s, pq, pk in zip(*parts, gates, pos_q.split(seg), pos_k.split(seg)):
-        if torch.is_grad_enabled():
-            out, state = checkpoint(run, q_s, k_s, v_s, g_s, state, pq, pk, use_reentrant=False)
-        else:
-            out, state = run(q_s, k_s, v_s, g_s, state, pq, pk)
-        outs.append(out)
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    if normalize:
-        return out, LinearAttentionState(state[..., :-1], state[..., -1])
-    return out, LinearAttentionState(state, None)
+    out, state = causal_segments(
+        q, k, v, _log_gates(decay, None, B, H, 1, mapper.F, q),
+        None if gate is None else _as_gate(gate, B, H, L, mapper.F, q), state, chunk_size, normalize,
+        features=lambda q_s, k_s, p: mapper(q_s, k_s, p, p), positions=positions,
+        checkpointed=torch.is_grad_enabled())
+    return _split(out, state, normalize, divided=True)
 
 
 def _check_form(form, chunk_size) -> None:
@@ -276,7 +250,8 @@ def linear_attention(
     n_empty = max(L - S, 0) if causal else 0
     q_, pos_q = q_[:, :, n_empty:], pos_q[n_empty:]
     if causal and form in ("auto", "chunked") and q_.shape[2] > 0:
-        out, state = _segmented(mapper, q_, k_, v_, pos_q, pos_k, decay=decay, gate=gate, normalize=normalize,
+        # after the alignment above, query t and key t share position pos_q[t] == pos_k[t]
+        out, state = _segmented(mapper, q_, k_, v_, pos_q, decay=decay, gate=gate, normalize=normalize,
                                 chunk_size=chunk_size, initial_state=state)
     else:
         phi_q, phi_k = mapper(q_, k_, pos_q, pos_k)

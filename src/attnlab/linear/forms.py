@@ -60,6 +60,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from attnlab._checks import check_int
 
@@ -251,11 +252,12 @@ def _joint_state(S, z, B, H, Fd, Dv, normalize, like) -> torch.Tensor:
     return torch.cat([S, z[..., None]], dim=-1) if normalize else S
 
 
-def _split(out_ext: torch.Tensor, state_ext, normalize: bool):
-    """``(out, LinearAttentionState)`` from the joint ``[num | den]`` / ``[S | z]`` tensors."""
+def _split(out_ext: torch.Tensor, state_ext, normalize: bool, divided: bool = False):
+    """``(out, LinearAttentionState)`` from the joint ``[num | den]`` / ``[S | z]`` tensors
+    (``divided``: ``out_ext`` is already ``num / (den + eps)``)."""
     if not normalize:
         return out_ext, (None if state_ext is None else LinearAttentionState(state_ext, None))
-    out = out_ext[..., :-1] / (out_ext[..., -1:] + EPS)
+    out = out_ext if divided else out_ext[..., :-1] / (out_ext[..., -1:] + EPS)
     if state_ext is None:
         return out, None
     return out, LinearAttentionState(state_ext[..., :-1], state_ext[..., -1])
@@ -337,7 +339,6 @@ def chunked_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normal
     _check_bool("return_state", return_state)
     B, H, L, Fd = phi_q.shape
     Dv = v.shape[-1]
-    log_g = _log_gates(decay, gate, B, H, L, Fd, phi_q)
     S0, z0 = _as_state(initial_state, B, H, Fd, Dv, normalize, phi_q, "initial_state")
     state = _joint_state(S0, z0, B, H, Fd, Dv, normalize, phi_q)
     ve = _with_ones(v, normalize)
@@ -350,20 +351,51 @@ def chunked_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normal
         out, st = _split(ve[..., :0, :], state, normalize)
         return (out, st) if return_state else out
 
+    out, state = causal_segments(phi_q, phi_k, v, _log_gates(decay, None, B, H, 1, Fd, phi_q),
+                                 None if gate is None else _as_gate(gate, B, H, L, Fd, phi_q),
+                                 state, chunk_size, normalize)
+    out, st = _split(out, state, normalize, divided=True)
+    return (out, st) if return_state else out
+
+
+def causal_segments(q, k, v, log_decay, gate, state, chunk_size: int, normalize: bool, features=None,
+                    positions=None, checkpointed: bool = False):
+    """The causal chunked form in segments of :data:`SEGMENT_TOKENS` tokens, one after the
+    other from the joint state ``[S | z]``; returns ``(out (B, H, L, Dv), joint state)``.
+
+    ``log_decay`` is ``None`` or ``(1, H, 1, 1)``, ``gate`` ``None`` or a checked
+    ``(B, H, L, 1|F)`` gate. ``features(q_s, k_s, positions_s) -> (phi_q, phi_k)`` maps each
+    segment's raw inputs (identity when ``None``). With ``checkpointed`` every segment keeps only
+    its inputs and entering state and recomputes its forward in the backward pass."""
+    H, L = q.shape[1], q.shape[2]
     C = min(chunk_size, L)
     seg = C * max(1, SEGMENT_TOKENS // C)
-    if log_g is not None:
-        log_g = log_g.expand(log_g.shape[0], H, L, log_g.shape[-1])
+
+    def run(q_s, k_s, v_s, g_s, st, pos):
+        phi_q, phi_k = (q_s, k_s) if features is None else features(q_s, k_s, pos)
+        log_g = None if log_decay is None else log_decay.expand(1, H, q_s.shape[2], 1)
+        if g_s is not None:
+            log_g = torch.log(g_s) if log_g is None else log_g + torch.log(g_s)
+        out, st = _segment(phi_q, phi_k, _with_ones(v_s, normalize), log_g, st, C)
+        if normalize:
+            out = out[..., :-1] / (out[..., -1:] + EPS)
+        return out, st
+
     # split, not slices: the backward of one split is one concatenation, that of n slices
     # n full-size zero tensors
-    parts = [t.split(seg, dim=2) for t in (phi_q, phi_k, ve)]
-    gates = [None] * len(parts[0]) if log_g is None else log_g.split(seg, dim=2)
+    parts = [t.split(seg, dim=2) for t in (q, k, v)]
+    n = len(parts[0])
+    gates = [None] * n if gate is None else gate.split(seg, dim=2)
+    pos = [None] * n if positions is None else positions.split(seg)
     outs = []
-    for q_s, k_s, v_s, g_s in zip(*parts, gates):
-        out, state = _segment(q_s, k_s, v_s, g_s, state, C)
+    for args in zip(*parts, gates, pos):
+        q_s, k_s, v_s, g_s, p_s = args
+        if checkpointed:
+            out, state = checkpoint(run, q_s, k_s, v_s, g_s, state, p_s, use_reentrant=False)
+        else:
+            out, state = run(q_s, k_s, v_s, g_s, state, p_s)
         outs.append(out)
-    out, st = _split(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], state, normalize)
-    return (out, st) if return_state else out
+    return (torch.cat(outs, dim=2) if n > 1 else outs[0]), state
 
 
 def _segment(phi_q, phi_k, ve, log_g, state, C: int):

@@ -6,19 +6,16 @@ Attention", ECCV 2024. See :func:`attnlab.linear.agent.agent_attention`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
 
 from .._checks import check_int
 from ..linear.agent import agent_attention
-from .multihead import check_bool, check_heads
+from ._packed import PackedSelfAttention
 
 __all__ = ["AgentAttention"]
 
 
-class AgentAttention(nn.Module):
+class AgentAttention(PackedSelfAttention):
     """Self-attention ``softmax(s Q A^T) softmax(s A K^T) V`` per head, with ``num_agents``
     agents ``A = adaptive_avg_pool(Q)`` over the sequence (``s = 1/sqrt(E / num_heads)``).
 
@@ -43,34 +40,18 @@ class AgentAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_heads(embed_dim, num_heads, "auto")
-        self.embed_dim, self.num_heads = embed_dim, num_heads
+        super().__init__(embed_dim, num_heads, bias, device, dtype)
         self.num_agents = check_int("num_agents", num_agents, 1)
-        self.head_dim = embed_dim // num_heads
-        fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.in_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=check_bool("bias", bias), **fk)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Xavier-uniform projection weights, zero biases."""
-        for lin in (self.in_proj, self.out_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        self.reset_projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, L, E)`` -> ``(B, L, E)`` (``num_agents <= L``)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x={type(x).__name__}, expected a torch.Tensor")
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x.shape={tuple(x.shape)}, expected (B, L, {self.embed_dim})")
-        B, L, _ = x.shape
-        qkv = self.in_proj(x).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        out = agent_attention(q, k, v, num_agents=self.num_agents)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
+        q, k, v = self.heads(x)
+        return self.out_proj(self.merge(agent_attention(q, k, v, num_agents=self.num_agents)))
 
     def extra_repr(self) -> str:
         return (

@@ -6,18 +6,15 @@ ICML 2022. See :func:`attnlab.linear.flow.flow_attention`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
 
 from ..linear.flow import _check_eps, flow_attention
-from .multihead import check_bool, check_heads
+from ._packed import PackedSelfAttention
 
 __all__ = ["FlowAttention"]
 
 
-class FlowAttention(nn.Module):
+class FlowAttention(PackedSelfAttention):
     """Self-attention with Flow-Attention per head (``phi = sigmoid``, source competition and
     sink allocation by flow conservation; linear in ``L``, non-causal).
 
@@ -42,34 +39,18 @@ class FlowAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_heads(embed_dim, num_heads, "auto")
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
+        super().__init__(embed_dim, num_heads, bias, device, dtype)
         self.eps = _check_eps(eps)
-        fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.in_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=check_bool("bias", bias), **fk)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Xavier-uniform projection weights, zero biases."""
-        for lin in (self.in_proj, self.out_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        self.reset_projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, L, E)`` -> ``(B, L, E)``."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x={type(x).__name__}, expected a torch.Tensor")
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x.shape={tuple(x.shape)}, expected (B, L, {self.embed_dim})")
-        B, L, _ = x.shape
-        qkv = self.in_proj(x).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        out = flow_attention(q, k, v, eps=self.eps)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
+        q, k, v = self.heads(x)
+        return self.out_proj(self.merge(flow_attention(q, k, v, eps=self.eps)))
 
     def extra_repr(self) -> str:
         return (

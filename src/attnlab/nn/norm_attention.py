@@ -14,12 +14,12 @@ from torch import nn
 from .._checks import check_int
 from ..linear.forms import _as_decay
 from ..linear.transnormer import _check_norm_args, norm_attention
-from .multihead import check_bool, check_heads
+from ._packed import PackedSelfAttention
 
 __all__ = ["NormAttention"]
 
 
-class NormAttention(nn.Module):
+class NormAttention(PackedSelfAttention):
     """Self-attention ``o = g * Norm(phi(Q) (phi(K)^T V)) (+ b)`` per head, then ``out_proj``.
 
     ``Norm`` is RMSNorm or LayerNorm over each head's channels (no denominator, no ``1/sqrt``
@@ -61,20 +61,15 @@ class NormAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_heads(embed_dim, num_heads, "auto")
+        super().__init__(embed_dim, num_heads, bias, device, dtype)
         self.feature_map = _check_norm_args(causal, norm, eps, feature_map)
         if decay is not None and not causal:
             raise ValueError(f"decay needs causal=True, got decay={decay!r} with causal=False")
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
         self.causal, self.norm, self.eps = causal, norm, float(eps)
         self.chunk_size = check_int("chunk_size", chunk_size, 1)
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         like = torch.empty(0, **fk)
         self.register_buffer("decay", _as_decay(decay, num_heads, like))
-        self.in_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=check_bool("bias", bias), **fk)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.norm_weight = nn.Parameter(torch.empty(embed_dim, **fk))
         norm_bias = nn.Parameter(torch.empty(embed_dim, **fk)) if norm == "layer" else None
         self.register_parameter("norm_bias", norm_bias)
@@ -82,28 +77,19 @@ class NormAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         """Xavier-uniform projection weights, zero biases, unit gain."""
-        for lin in (self.in_proj, self.out_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        self.reset_projections()
         nn.init.ones_(self.norm_weight)
         if self.norm_bias is not None:
             nn.init.zeros_(self.norm_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, L, E)`` -> ``(B, L, E)``."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x={type(x).__name__}, expected a torch.Tensor")
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x.shape={tuple(x.shape)}, expected (B, L, {self.embed_dim})")
-        B, L, _ = x.shape
-        qkv = self.in_proj(x).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        q, k, v = self.heads(x)
         out = norm_attention(
             q, k, v, causal=self.causal, decay=self.decay, feature_map=self.feature_map,
             norm=self.norm, eps=self.eps, chunk_size=self.chunk_size,
         )
-        out = out.transpose(1, 2).reshape(B, L, self.embed_dim) * self.norm_weight
+        out = self.merge(out) * self.norm_weight
         if self.norm_bias is not None:
             out = out + self.norm_bias
         return self.out_proj(out)
