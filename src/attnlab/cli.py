@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("bench", help="every mechanism against its peers: efficiency and quality, with a report",
                         description="Benchmark every registered mechanism against its peers (efficiency) and "
                         "train small models with them (quality); results go to OUT/results.jsonl and "
-                        "OUT/report.html. The default is a quick first look (about 3 minutes on 2 CPU cores).")
+                        "OUT/report.html. The default is a quick first look (about 5 minutes on 2 CPU cores).")
     pb.add_argument("--suite", default="all", choices=["efficiency", "quality", "all"])
     pb.add_argument("--full", action="store_true",
                     help="all four CAB patterns, lengths 256..16384, every peer, the full quality preset "

@@ -13,9 +13,10 @@ normalised):
 - recurrent decoding: the time of one token at position ~16 and at position ~16384 (median of
   64 consecutive steps each), carrying the state;
 - the peak resident memory of a fresh process running chunked forward+backward at the longest
-  length (``ru_maxrss``: the whole process, torch included).
+  length (``VmHWM``: the whole process, torch included).
 
-Times are medians of ``--repeats`` runs after one warm-up.
+Times are medians of ``--repeats`` runs after one warm-up; backward passes use a fixed random
+output gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,50 +33,31 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from attnlab.bench.timing import forward_backward, forward_only, measure, peak_rss_gib
 from attnlab.linear import linear_attention
 
 VARIANTS = {"identity": dict(feature_map="identity", normalize=False),
             "elu+1": dict(feature_map="elu+1", normalize=True)}
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _median_time(run, repeats: int) -> float:
+    return measure(run, repeats).median
 
 
-def _inputs(L: int, heads: int, dim: int, grad: bool):
+def _inputs(L: int, heads: int, dim: int, grad: bool, layout=None):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(1, heads, L, dim, generator=g).requires_grad_(grad) for _ in range(3)]
+    xs = [torch.randn(1, heads, L, dim, generator=g) for _ in range(3)]
+    if layout is not None:
+        xs = [layout(x) for x in xs]
+    return [x.requires_grad_(grad) for x in xs]
 
 
 def _fwd(fn, L, heads, dim):
-    q, k, v = _inputs(L, heads, dim, False)
-
-    def run():
-        with torch.no_grad():
-            fn(q, k, v)
-
-    return run
+    return forward_only(fn, *_inputs(L, heads, dim, False))
 
 
 def _fwd_bwd(fn, L, heads, dim, layout=None):
-    q, k, v = _inputs(L, heads, dim, True)
-    if layout is not None:
-        q, k, v = (layout(x).detach().requires_grad_() for x in (q, k, v))
-
-    def run():
-        out = fn(q, k, v)
-        out = out[0] if isinstance(out, tuple) else out
-        out.backward(torch.ones_like(out))
-        for x in (q, k, v):
-            x.grad = None
-
-    return run
+    return forward_backward(fn, *_inputs(L, heads, dim, True, layout))
 
 
 def scaling(L: int, heads: int, dim: int, repeats: int) -> dict:
@@ -104,7 +85,8 @@ def against_fla(L: int, heads: int, dim: int, repeats: int) -> dict:
     ours = _median_time(_fwd_bwd(lambda q, k, v: linear_attention(q, k, v, causal=True, **VARIANTS["identity"]),
                                  L, heads, dim), repeats)
     heads_last = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
-    theirs = _median_time(_fwd_bwd(naive_recurrent_linear_attn, L, heads, dim, heads_last), 1)
+    theirs = _median_time(_fwd_bwd(lambda q, k, v: naive_recurrent_linear_attn(q, k, v)[0], L, heads, dim,
+                                   heads_last), 1)
     return {"L": L, "attnlab_s": ours, "fla_naive_s": theirs, "speedup": theirs / ours}
 
 
@@ -136,15 +118,14 @@ def decoding(positions: tuple[int, int], heads: int, dim: int, window: int = 64)
 
 def _peak_child(L: int, heads: int, dim: int) -> None:
     _fwd_bwd(lambda q, k, v: linear_attention(q, k, v, causal=True, **VARIANTS["elu+1"]), L, heads, dim)()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    print(peak_rss_gib())
 
 
 def peak_memory(L: int, heads: int, dim: int) -> dict:
     code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
             f"from attnlab.bench.linear_figures import _peak_child; _peak_child({L}, {heads}, {dim})")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    kib = int(res.stdout.strip().splitlines()[-1])
-    return {"L": L, "process_peak_gib": kib / 2**20}
+    return {"L": L, "process_peak_gib": float(res.stdout.strip().splitlines()[-1])}
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # a first look in about 3 minutes on 2 CPU cores: self attention only, and no
+    # a first look in about 5 minutes on 2 CPU cores: self attention only, and no
     # FlexAttention (torch.compile takes 5-10 s per problem on a CPU)
     "quick": Preset((256, 1024), (NONCAUSAL_SELF, CAUSAL_SELF),
                     ("sdpa_dense", "sdpa_fast", "natten", "local_attention"), 3, "quick"),
