@@ -326,12 +326,13 @@ def test_bad_tensors_and_gate_with_cross_causal():
 
 
 @pytest.mark.parametrize("gate_kind", ["none", "scalar", "feature"])
-def test_many_checkpointed_segments_match_recurrence_with_grads(monkeypatch, gate_kind):
+def test_many_segments_match_recurrence_with_grads(monkeypatch, gate_kind):
     """Segments of 8 tokens (instead of 2048) so that a short input crosses many of them, each
-    checkpointed; outputs, returned state and all gradients must still be exact."""
-    import attnlab.linear.forms as forms
+    recomputed in the backward pass; outputs, returned state and all gradients must still be
+    exact."""
+    import attnlab.linear.segments as segments
 
-    monkeypatch.setattr(forms, "SEGMENT_TOKENS", 8)
+    monkeypatch.setattr(segments, "SEGMENT_TOKENS", 8)
     B, Hq, L, D = 2, 4, 45, 6
     q, k, v = _qkv(B=B, Hq=Hq, L=L, D=D, grad=True)
     gate = None if gate_kind == "none" else _gate(B, Hq, L, None if gate_kind == "scalar" else 2 * D).requires_grad_()

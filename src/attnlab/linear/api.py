@@ -17,7 +17,6 @@ from attnlab.linear.forms import (
     _as_state,
     _joint_state,
     _split,
-    causal_segments,
     _check_bool,
     _check_modes,
     _log_gates,
@@ -26,6 +25,7 @@ from attnlab.linear.forms import (
     parallel_form,
     recurrent_step,
 )
+from attnlab.linear.segments import causal_segments
 
 __all__ = ["linear_attention", "linear_attention_weights"]
 
@@ -81,7 +81,8 @@ class _Mapper:
         self.pos_q = torch.arange(L, device=dev) + position_offset + (S - L)
         self.compute = q.dtype
         self.scale = 1.0
-        fq, fk = self(q[:, :, :1], k[:, :, :1], self.pos_q[:1], self.pos_k[:1])
+        with torch.no_grad():  # a probe of the output sizes, not part of the graph
+            fq, fk = self(q[:, :, :1], k[:, :, :1], self.pos_q[:1], self.pos_k[:1])
         if fq.shape[-1] != fk.shape[-1]:
             raise ValueError(f"the feature maps of q and k must give the same number of features, got "
                              f"F={fq.shape[-1]} for q and F={fk.shape[-1]} for k")
@@ -91,6 +92,17 @@ class _Mapper:
         elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise TypeError(f"scale must be a finite float or None, got scale={scale!r}")
         self.scale = scale
+
+    def parameters(self) -> Optional[list[torch.Tensor]]:
+        """The tensors the maps depend on that may need gradients (each once), or ``None`` when
+        a map is not an ``nn.Module`` and so cannot list them."""
+        if not all(isinstance(m, torch.nn.Module) for m in (self.phi_q, self.phi_k)):
+            return None
+        seen = {}
+        for m in (self.phi_q, self.phi_k):
+            for p in m.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
 
     def __call__(self, q, k, pos_q, pos_k):
         phi_q = _apply_map(self.phi_q, q, "q", pos_q, self.length).to(self.compute)
@@ -119,19 +131,25 @@ def _prepare(q, k, v, feature_map, causal, decay, gate, normalize, scale, positi
 
 
 def _segmented(mapper: _Mapper, q, k, v, positions, *, decay, gate, normalize, chunk_size, initial_state):
-    """The causal chunked form (:func:`~attnlab.linear.forms.causal_segments`) with the feature
-    maps applied inside each segment. Under autograd every segment is checkpointed: only its
-    inputs and the state entering it are kept, and its forward is recomputed in the backward
-    pass, so memory beyond inputs, outputs and their gradients is about one segment's."""
+    """The causal chunked form (:func:`~attnlab.linear.segments.causal_segments`) with the
+    feature maps applied inside each segment, so that under autograd memory beyond inputs,
+    outputs and their gradients is about one segment's. Maps that are not modules may
+    close over tensors that need gradients, which the segments' backward could not see: they are
+    applied to the whole sequence first."""
     B, H, L, _ = q.shape
     Dv = v.shape[-1]
     S0, z0 = _as_state(initial_state, B, H, mapper.F, Dv, normalize, q, "initial_state")
     state = _joint_state(S0, z0, B, H, mapper.F, Dv, normalize, q)
+    params = mapper.parameters()
+    if params is None:
+        q, k = mapper(q, k, positions, positions)
+        features, params = None, ()
+    else:
+        features = lambda q_s, k_s, p: mapper(q_s, k_s, p, p)  # noqa: E731
     out, state = causal_segments(
         q, k, v, _log_gates(decay, None, B, H, 1, mapper.F, q),
         None if gate is None else _as_gate(gate, B, H, L, mapper.F, q), state, chunk_size, normalize,
-        features=lambda q_s, k_s, p: mapper(q_s, k_s, p, p), positions=positions,
-        checkpointed=torch.is_grad_enabled())
+        features=features, positions=positions, params=params)
     return _split(out, state, normalize, divided=True)
 
 

@@ -41,8 +41,10 @@ Forms
   sequence into chunks of ``chunk_size`` tokens, all processed at once: an intra-chunk masked
   ``C x C`` product plus the inter-chunk term from the state entering each chunk; the states
   are a cumulative sum over chunks (a short loop over chunks when gated), in segments of
-  :data:`SEGMENT_TOKENS` tokens carried one to the next. Memory
-  ``O(L C + (L / C) F Dv)``, never ``L x L``. Plain autograd differentiates it.
+  :data:`~attnlab.linear.segments.SEGMENT_TOKENS` tokens carried one to the next
+  (:mod:`attnlab.linear.segments`). Memory ``O(L C + (L / C) F Dv)``, never ``L x L``; under
+  autograd one function over all segments keeps only its inputs and the state entering each
+  segment, and recomputes each segment in the backward pass.
 * :func:`recurrent_step` advances one token in ``O(F Dv)`` (causal only): decoding.
 
 Gates are handled in log space: with ``b_t = sum_{s <= t} log g_s`` inside a chunk, the weight
@@ -54,15 +56,13 @@ dtype's largest value, and otherwise fall back to the exact ``C x C x F`` produc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from attnlab._checks import check_int
+from attnlab.linear.segments import EPS, causal_segments, with_ones
 
 __all__ = [
     "EPS",
@@ -73,10 +73,6 @@ __all__ = [
     "gated_scores",
 ]
 
-EPS = 1e-6
-SEGMENT_TOKENS = 2048
-"""Tokens per segment of :func:`chunked_form`: segments run one after the other (carrying the
-state), their chunks all at once, so the working set stays cache-sized and the time linear."""
 
 
 @dataclass
@@ -238,14 +234,6 @@ def _check_bool(name: str, value) -> None:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def _with_ones(v: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """``v`` with a column of ones appended when normalising: ``S`` and ``z`` become one matrix
-    ``[S | z]``, so numerator and denominator come out of the same products."""
-    if not normalize:
-        return v
-    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-
-
 def _joint_state(S, z, B, H, Fd, Dv, normalize, like) -> torch.Tensor:
     if S is None:
         return like.new_zeros(B, H, Fd, Dv + int(normalize))
@@ -293,7 +281,7 @@ def parallel_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, norma
     Dv = v.shape[-1]
     log_g = _log_gates(decay, gate, B, H, L, Fd, phi_q)
     S0, z0 = _as_state(initial_state, B, H, Fd, Dv, normalize, phi_q, "initial_state")
-    ve = _with_ones(v, normalize)
+    ve = with_ones(v, normalize)
     if causal:
         out = gated_scores(phi_q, phi_k, log_g) @ ve
     else:
@@ -304,17 +292,6 @@ def parallel_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, norma
             qd = phi_q * torch.exp(torch.cumsum(log_g.expand(*log_g.shape[:-2], L, log_g.shape[-1]), -2))
         out = out + qd @ _joint_state(S0, z0, B, H, Fd, Dv, normalize, phi_q)
     return _split(out, None, normalize)[0]
-
-
-def _intra_gated(q, k, b, mask):
-    """Intra-chunk scores ``sum_f q_if k_jf exp(b_if - b_jf)`` (``j <= i``) for per-feature
-    cumulative log gates ``b (.., C, F)``; factored when ``exp(-b)`` is safe, else exact."""
-    limit = 0.5 * math.log(torch.finfo(q.dtype).max)
-    if bool((-b).max() < limit):
-        scores = (q * torch.exp(b)) @ (k * torch.exp(-b)).transpose(-1, -2)
-        return scores.masked_fill(~mask, 0.0)
-    diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~mask[..., None], float("-inf"))
-    return torch.einsum("...if,...jf,...ijf->...ij", q, k, torch.exp(diff))
 
 
 def chunked_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normalize: bool,
@@ -341,7 +318,7 @@ def chunked_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normal
     Dv = v.shape[-1]
     S0, z0 = _as_state(initial_state, B, H, Fd, Dv, normalize, phi_q, "initial_state")
     state = _joint_state(S0, z0, B, H, Fd, Dv, normalize, phi_q)
-    ve = _with_ones(v, normalize)
+    ve = with_ones(v, normalize)
 
     if not causal:
         state = state + phi_k.transpose(-1, -2) @ ve
@@ -356,85 +333,6 @@ def chunked_form(phi_q, phi_k, v, *, causal: bool, decay=None, gate=None, normal
                                  state, chunk_size, normalize)
     out, st = _split(out, state, normalize, divided=True)
     return (out, st) if return_state else out
-
-
-def causal_segments(q, k, v, log_decay, gate, state, chunk_size: int, normalize: bool, features=None,
-                    positions=None, checkpointed: bool = False):
-    """The causal chunked form in segments of :data:`SEGMENT_TOKENS` tokens, one after the
-    other from the joint state ``[S | z]``; returns ``(out (B, H, L, Dv), joint state)``.
-
-    ``log_decay`` is ``None`` or ``(1, H, 1, 1)``, ``gate`` ``None`` or a checked
-    ``(B, H, L, 1|F)`` gate. ``features(q_s, k_s, positions_s) -> (phi_q, phi_k)`` maps each
-    segment's raw inputs (identity when ``None``). With ``checkpointed`` every segment keeps only
-    its inputs and entering state and recomputes its forward in the backward pass."""
-    H, L = q.shape[1], q.shape[2]
-    C = min(chunk_size, L)
-    seg = C * max(1, SEGMENT_TOKENS // C)
-
-    def run(q_s, k_s, v_s, g_s, st, pos):
-        phi_q, phi_k = (q_s, k_s) if features is None else features(q_s, k_s, pos)
-        log_g = None if log_decay is None else log_decay.expand(1, H, q_s.shape[2], 1)
-        if g_s is not None:
-            log_g = torch.log(g_s) if log_g is None else log_g + torch.log(g_s)
-        out, st = _segment(phi_q, phi_k, _with_ones(v_s, normalize), log_g, st, C)
-        if normalize:
-            out = out[..., :-1] / (out[..., -1:] + EPS)
-        return out, st
-
-    # split, not slices: the backward of one split is one concatenation, that of n slices
-    # n full-size zero tensors
-    parts = [t.split(seg, dim=2) for t in (q, k, v)]
-    n = len(parts[0])
-    gates = [None] * n if gate is None else gate.split(seg, dim=2)
-    pos = [None] * n if positions is None else positions.split(seg)
-    outs = []
-    for args in zip(*parts, gates, pos):
-        q_s, k_s, v_s, g_s, p_s = args
-        if checkpointed:
-            out, state = checkpoint(run, q_s, k_s, v_s, g_s, state, p_s, use_reentrant=False)
-        else:
-            out, state = run(q_s, k_s, v_s, g_s, state, p_s)
-        outs.append(out)
-    return (torch.cat(outs, dim=2) if n > 1 else outs[0]), state
-
-
-def _segment(phi_q, phi_k, ve, log_g, state, C: int):
-    """The causal chunked computation of one segment (all its chunks at once) from the joint
-    state ``[S | z]`` entering it; returns ``(out (B, H, n, Dv'), state after it)``."""
-    B, H, L, _ = phi_q.shape
-    N = -(-L // C)
-    pad = N * C - L
-
-    def chunks(x):
-        x = F.pad(x, (0, 0, 0, pad)) if pad else x
-        return x.reshape(*x.shape[:2], N, C, x.shape[-1])
-
-    q, k, vc = chunks(phi_q), chunks(phi_k), chunks(ve)
-    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    if log_g is None:
-        scores = (q @ k.transpose(-1, -2)).masked_fill(~mask, 0.0)
-        updates = k.transpose(-1, -2) @ vc  # (B, H, N, F, Dv')
-        before = torch.cumsum(updates, dim=2) - updates  # exclusive: state entering each chunk
-        states = before + state[:, :, None]
-        out = scores @ vc + q @ states
-        final = states[:, :, -1] + updates[:, :, -1]
-    else:
-        b = torch.cumsum(chunks(log_g), dim=-2)  # (B|1, H, N, C, F|1), non-increasing along C
-        b_last = b[..., -1:, :]
-        if b.shape[-1] == 1:
-            diff = (b - b.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
-            scores = (q @ k.transpose(-1, -2)) * torch.exp(diff)
-        else:
-            scores = _intra_gated(q, k, b, mask)
-        updates = (k * torch.exp(b_last - b)).transpose(-1, -2) @ vc
-        carry = torch.exp(b_last).transpose(-1, -2)  # (B|1, H, N, F|1, 1)
-        states = []
-        for n in range(N):
-            states.append(state)
-            state = carry[:, :, n] * state + updates[:, :, n]
-        final = state
-        out = scores @ vc + (q * torch.exp(b)) @ torch.stack(states, dim=2)
-    return out.reshape(B, H, N * C, -1)[:, :, :L], final
 
 
 def recurrent_step(phi_q_t, phi_k_t, v_t, state: Optional[StateLike], *, decay=None, gate=None,
@@ -455,6 +353,6 @@ def recurrent_step(phi_q_t, phi_k_t, v_t, state: Optional[StateLike], *, decay=N
     st = _joint_state(S, z, B, H, Fd, Dv, normalize, phi_q_t)
     if log_g is not None:
         st = st * torch.exp(log_g[:, :, 0])[..., None]
-    st = st + phi_k_t[..., :, None] * _with_ones(v_t, normalize)[..., None, :]
+    st = st + phi_k_t[..., :, None] * with_ones(v_t, normalize)[..., None, :]
     out = (phi_q_t[..., None, :] @ st).squeeze(-2)
     return _split(out, st, normalize)
