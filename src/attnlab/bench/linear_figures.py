@@ -7,11 +7,12 @@ Reports, for causal chunked linear attention (``linear_attention(..., causal=Tru
 features unnormalised, the semantics of flash-linear-attention's ``linear_attn``, and elu+1
 normalised):
 
-- linear scaling: time at ``2L`` over time at ``L``, forward and forward+backward;
+- linear scaling: time at ``2L`` over time at ``L``, forward and forward+backward (the two
+  lengths timed interleaved);
 - forward+backward against flash-linear-attention's reference code
   (``naive_recurrent_linear_attn``, same function) and against dense causal SDPA;
 - recurrent decoding: the time of one token at position ~16 and at position ~16384 (median of
-  64 consecutive steps each), carrying the state;
+  64 steps each, the two positions' steps alternating), carrying the state;
 - the peak resident memory of a fresh process running chunked forward+backward at the longest
   length (``VmHWM``: the whole process, torch included).
 
@@ -33,7 +34,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from attnlab.bench.timing import forward_backward, forward_only, measure, peak_rss_gib
+from attnlab.bench.timing import forward_backward, forward_only, measure, measure_pair, peak_rss_gib
 from attnlab.linear import linear_attention
 
 VARIANTS = {"identity": dict(feature_map="identity", normalize=False),
@@ -61,6 +62,8 @@ def _fwd_bwd(fn, L, heads, dim, layout=None):
 
 
 def scaling(L: int, heads: int, dim: int, repeats: int) -> dict:
+    """Time at ``L`` and at ``2L``, measured interleaved (``L, 2L, L, 2L, ...``) so that drift in
+    the machine's speed affects both alike."""
     out = {}
     for name, kw in VARIANTS.items():
         def fn(q, k, v, kw=kw):
@@ -68,9 +71,8 @@ def scaling(L: int, heads: int, dim: int, repeats: int) -> dict:
 
         row = {}
         for mode, make in (("fwd", _fwd), ("fwdbwd", _fwd_bwd)):
-            t1 = _median_time(make(fn, L, heads, dim), repeats)
-            t2 = _median_time(make(fn, 2 * L, heads, dim), repeats)
-            row[mode] = {"t_L_s": t1, "t_2L_s": t2, "ratio": t2 / t1}
+            t1, t2 = measure_pair(make(fn, L, heads, dim), make(fn, 2 * L, heads, dim), repeats)
+            row[mode] = {"t_L_s": t1.median, "t_2L_s": t2.median, "ratio": t2.median / t1.median}
         out[name] = row
     return out
 
@@ -100,19 +102,26 @@ def against_sdpa(L: int, heads: int, dim: int, repeats: int) -> dict:
 
 def decoding(positions: tuple[int, int], heads: int, dim: int, window: int = 64) -> dict:
     """Per-token time of one-token ``linear_attention(..., form="recurrent")`` calls that carry
-    the state, at two positions (median over ``window`` consecutive tokens)."""
-    end = positions[1] + window
+    the state, at two positions: two states are advanced to the positions, then ``window``
+    steps of each are timed alternately (median of each), so that drift affects both alike."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, 1, dim, generator=g) for _ in range(3))
-    state, times = None, []
+
+    def step(state):
+        return linear_attention(q, k, v, causal=True, initial_state=state, return_state=True,
+                                form="recurrent")[1]
+
+    states, times = [None, None], ([], [])
     with torch.no_grad():
-        for _ in range(end):
-            t0 = time.perf_counter()
-            _, state = linear_attention(q, k, v, causal=True, initial_state=state, return_state=True,
-                                        form="recurrent")
-            times.append(time.perf_counter() - t0)
-    a = statistics.median(times[positions[0]:positions[0] + window])
-    b = statistics.median(times[positions[1]:positions[1] + window])
+        for i, pos in enumerate(positions):
+            for _ in range(pos):
+                states[i] = step(states[i])
+        for _ in range(window):
+            for i in range(2):
+                t0 = time.perf_counter()
+                states[i] = step(states[i])
+                times[i].append(time.perf_counter() - t0)
+    a, b = (statistics.median(t) for t in times)
     return {f"token_{positions[0]}_us": a * 1e6, f"token_{positions[1]}_us": b * 1e6, "ratio": b / a}
 
 
@@ -131,7 +140,7 @@ def peak_memory(L: int, heads: int, dim: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short lengths (a smoke run, not the figures)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
