@@ -19,6 +19,7 @@ from .backends.base import Backend, Problem
 from .backends.registry import TiledBackend, all_backends, check_option_values
 from .geometry import check_qkv, check_scale
 from .patterns.base import as_pattern
+from .patterns.content import has_content, resolve_pattern
 from .patterns.layout import Tiling
 from .scores.base import as_score_mod
 
@@ -44,7 +45,11 @@ def _problem(q, k, v, pattern, score_mod, scale, return_lse, options) -> Problem
         options = {}
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict or None, got {type(options).__name__}")
-    return Problem(q, k, v, g, pattern, score_mod, check_scale(scale, g.head_dim), return_lse, options)
+    scale = check_scale(scale, g.head_dim)
+    if has_content(pattern):
+        pattern = resolve_pattern(pattern, q, k, g, scale, score_mod)
+        pattern.validate(g)
+    return Problem(q, k, v, g, pattern, score_mod, scale, return_lse, options)
 
 
 class BackendUnavailable(ValueError):

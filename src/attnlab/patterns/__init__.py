@@ -1,7 +1,8 @@
-"""Static sparsity patterns: which (query, key) pairs interact."""
+"""Sparsity patterns: which (query, key) pairs interact, static or chosen from q and k."""
 
 from .base import Causal, Full, Intersection, MaskMod, Pattern, Union, as_pattern
 from .block_sparse import BlockSparse
+from .content import ContentPattern, SelectionContext, has_content, resolve_pattern
 from .document import Document, PrefixLM
 from .layout import BlockLayout, Tiling
 from .neighborhood import Neighborhood
@@ -9,10 +10,14 @@ from .radial import Radial
 from .sinks import GlobalTokens, Sinks
 from .sliding_window import SlidingWindow
 from .strided import Strided
+from .key_set import KeySet
+from .top_blocks import TopKBlocks, TopPBlocks
 from .windows import Blocked, Grid, Halo
 
 __all__ = [
     "Pattern", "Full", "Causal", "Union", "Intersection", "MaskMod", "as_pattern",
     "BlockLayout", "Tiling", "SlidingWindow", "Neighborhood", "Blocked", "Grid", "Halo",
     "Strided", "Sinks", "GlobalTokens", "Document", "PrefixLM", "BlockSparse", "Radial",
+    "ContentPattern", "SelectionContext", "has_content", "resolve_pattern", "KeySet", "TopKBlocks",
+    "TopPBlocks",
 ]

@@ -18,6 +18,19 @@ from .layout import BlockLayout, Tiling
 from .._checks import check_int
 
 
+def block_pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(block_q, block_kv)`` from an int or a pair, each checked to be a positive int."""
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise ValueError(
+                f"block_size must be an int or a (block_q, block_kv) pair, got "
+                f"block_size={block_size!r}"
+            )
+        return check_int("block_size[0]", block_size[0], 1), check_int("block_size[1]", block_size[1], 1)
+    bq = check_int("block_size", block_size, 1)
+    return bq, bq
+
+
 class BlockSparse(Pattern):
     """Query ``i`` sees key ``j`` iff ``layout[b, h, i // block_q, j // block_kv]``.
 
@@ -42,17 +55,7 @@ class BlockSparse(Pattern):
                 f"layout must have shape (nQb, nKb) or (B, H, nQb, nKb), got "
                 f"layout.shape={tuple(layout.shape)}"
             )
-        if isinstance(block_size, (tuple, list)):
-            if len(block_size) != 2:
-                raise ValueError(
-                    f"block_size must be an int or a (block_q, block_kv) pair, got "
-                    f"block_size={block_size!r}"
-                )
-            bq = check_int("block_size[0]", block_size[0], 1)
-            bk = check_int("block_size[1]", block_size[1], 1)
-        else:
-            bq = bk = check_int("block_size", block_size, 1)
-        self.block_q, self.block_kv = bq, bk
+        self.block_q, self.block_kv = block_pair(block_size)
         self.layout_shape = tuple(layout.shape)  # as given, for messages
         self.layout = (layout[None, None] if layout.ndim == 2 else layout).detach()
         self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
