@@ -12,6 +12,8 @@ from .sliding_window import SlidingWindow
 from .strided import Strided
 from .key_set import KeySet
 from .top_blocks import TopKBlocks, TopPBlocks
+from .top_keys import TopKPerQuery, TopTheta, calibrate_thresholds
+from .seer_gate import SeerGate, block_attention_mass, seer_gate_loss
 from .windows import Blocked, Grid, Halo
 
 __all__ = [
@@ -19,5 +21,6 @@ __all__ = [
     "BlockLayout", "Tiling", "SlidingWindow", "Neighborhood", "Blocked", "Grid", "Halo",
     "Strided", "Sinks", "GlobalTokens", "Document", "PrefixLM", "BlockSparse", "Radial",
     "ContentPattern", "SelectionContext", "has_content", "resolve_pattern", "KeySet", "TopKBlocks",
-    "TopPBlocks",
+    "TopPBlocks", "TopKPerQuery", "TopTheta", "calibrate_thresholds", "SeerGate",
+    "block_attention_mass", "seer_gate_loss",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_int
 from ..geometry import Geometry
 from .base import Pattern
 from .layout import BlockLayout, Tiling
@@ -11,7 +12,8 @@ from .layout import BlockLayout, Tiling
 
 class KeySet(Pattern):
     """Query ``i`` (flat index) sees exactly the keys ``indices[b, h, i, :]``; ``-1`` entries are
-    unused slots, so rows may list different numbers of keys (or none).
+    unused slots, so rows may list different numbers of keys (or none). With ``block > 1`` the
+    entries are key *blocks*: query ``i`` sees key ``j`` iff ``j // block`` is listed.
 
     ``indices`` is an integer tensor ``(Bb, Hb, L, n)`` with ``Bb`` in ``{1, B}`` and ``Hb`` in
     ``{1, Hq}``, each row's keys distinct. The mask is a membership test by binary search in the
@@ -20,7 +22,7 @@ class KeySet(Pattern):
     fully visible, so the mask decides inside every touched tile.
     """
 
-    def __init__(self, indices: torch.Tensor):
+    def __init__(self, indices: torch.Tensor, block: int = 1):
         if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
             got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
             raise TypeError(f"indices must be an int32/int64 tensor, got {got}")
@@ -28,6 +30,7 @@ class KeySet(Pattern):
             raise ValueError(f"indices must have shape (B or 1, H or 1, L, n), got "
                              f"indices.shape={tuple(indices.shape)}")
         self.indices = indices.long()
+        self.block = check_int("block", block, 1)
         self._sorted: dict[int, torch.Tensor] = {}
 
     def validate(self, geometry: Geometry) -> None:
@@ -37,9 +40,10 @@ class KeySet(Pattern):
             raise ValueError(
                 f"indices must have shape (1 or B={geometry.batch}, 1 or Hq={geometry.q_heads}, "
                 f"L={geometry.q_len}, n), got indices.shape={tuple(self.indices.shape)}")
-        if self.indices.numel() and int(self.indices.max()) >= geometry.kv_len:
-            raise ValueError(f"indices must be < S={geometry.kv_len}, got max "
-                             f"{int(self.indices.max())}")
+        n_keys = -(-geometry.kv_len // self.block)
+        if self.indices.numel() and int(self.indices.max()) >= n_keys:
+            what = "S" if self.block == 1 else f"ceil(S / block) (S={geometry.kv_len}, block={self.block})"
+            raise ValueError(f"indices must be < {what} = {n_keys}, got max {int(self.indices.max())}")
 
     def _flat_sorted(self, kv_len: int, device: torch.device) -> torch.Tensor:
         """All rows concatenated, row ``r`` holding ``r * (S + 1) + key`` (unused slots become
@@ -52,7 +56,8 @@ class KeySet(Pattern):
         return self._sorted[kv_len]
 
     def mask(self, b, h, q_idx, kv_idx, geometry):
-        S = geometry.kv_len
+        S = -(-geometry.kv_len // self.block)
+        kv_idx = kv_idx // self.block if self.block > 1 else kv_idx
         flat = self._flat_sorted(S, q_idx.device)
         Bb, Hb, L, _ = self.indices.shape
         bb = b if Bb > 1 else torch.zeros_like(b)
@@ -72,6 +77,11 @@ class KeySet(Pattern):
         idx = self.indices.to(dev)
         Bb, Hb, L, n = idx.shape
         nq, nk = tiling.num_q_tiles, tiling.num_kv_tiles
+        if self.block > 1:  # every key tile that holds a key of a listed block
+            step = tiling.kv_tile[-1] if g.ndim == 1 else 1
+            offsets = torch.tensor(sorted({*range(0, self.block, step), self.block - 1}), device=dev)
+            keys = (idx.clamp(min=0)[..., None] * self.block + offsets).clamp(max=g.kv_len - 1)
+            idx = torch.where(idx[..., None] >= 0, keys, -1).reshape(Bb, Hb, L, -1)
         used = idx >= 0
         cell = q_tile_of.view(1, 1, L, 1) * nk + kv_tile_of[idx.clamp(min=0)]
         cell = cell + (torch.arange(Bb * Hb, device=dev).view(Bb, Hb, 1, 1) * (nq * nk))
@@ -86,7 +96,8 @@ class KeySet(Pattern):
     def __repr__(self):
         used = (self.indices >= 0).sum(-1).float()
         mean = used.mean().item() if used.numel() else 0.0
-        return f"KeySet(shape={tuple(self.indices.shape)}, keys per query={mean:.1f})"
+        what = "keys" if self.block == 1 else f"blocks of {self.block}"
+        return f"KeySet(shape={tuple(self.indices.shape)}, {what} per query={mean:.1f})"
 
 
 def _tile_of(token_index: torch.Tensor, n_tokens: int) -> torch.Tensor:
