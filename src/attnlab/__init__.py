@@ -9,8 +9,10 @@ from .linear import LinearAttentionState, linear_attention, linear_attention_wei
 from .merge import merge_attentions
 from .patterns import (
     BlockLayout, Blocked, BlockSparse, Causal, Document, Full, GlobalTokens, Grid, Halo,
-    MaskMod, Neighborhood, Pattern, PrefixLM, Radial, Sinks, SlidingWindow, Strided, Tiling,
+    KeySet, MaskMod, Neighborhood, Pattern, PrefixLM, Radial, SeerGate, Sinks, SlidingWindow, Strided,
+    Tiling, TopKBlocks, TopKPerQuery, TopPBlocks, TopTheta, calibrate_thresholds, resolve_pattern,
 )
+from .fidelity import attention_fidelity
 from .registry import Mechanism, Paper, catalog
 from .scores import (
     ALiBi, RelativeBias, RelativeEmbedding, ScoreContext, ScoreMod, Softcap, Temperature,
@@ -24,5 +26,6 @@ __all__ = [
     "Neighborhood", "Blocked", "Grid", "Halo", "Strided", "Sinks", "GlobalTokens", "Document",
     "PrefixLM", "BlockSparse", "Radial", "ScoreMod", "ScoreContext", "ALiBi", "RelativeBias",
     "RelativeEmbedding", "Softcap", "Temperature", "linear_attention", "linear_attention_weights",
-    "LinearAttentionState",
+    "LinearAttentionState", "KeySet", "TopKBlocks", "TopPBlocks", "TopKPerQuery", "TopTheta",
+    "SeerGate", "calibrate_thresholds", "resolve_pattern", "attention_fidelity",
 ]

@@ -289,7 +289,45 @@ def _operators() -> tuple[Mechanism, ...]:
     )
 
 
-MECHANISMS = MECHANISMS + _operators()
+def _select_block(shape: tuple[int, ...]) -> int:
+    """A selection block for the examples: 64 tokens, smaller on short sequences."""
+    return max(4, min(64, shape[-1] // 8))
+
+
+def _adaptive() -> tuple[Mechanism, ...]:
+    """Section C: content-based selections (each exact over the set it selects)."""
+    from .patterns import TopKBlocks, TopKPerQuery, TopPBlocks, TopTheta
+
+    moba = Paper("MoBA: Mixture of Block Attention for Long-Context LLMs", 2025)
+    nsa = Paper("Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention", 2025)
+    seer = Paper("SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs", 2024)
+    flexprefill = Paper("FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence Inference", 2025)
+    vmoba = Paper("VMoBA: Mixture-of-Block Attention for Video Diffusion Models", 2025)
+    theta = Paper("Top-Theta Attention: Sparsifying Transformers by Compensated Thresholding", 2025)
+    explicit = Paper("Explicit Sparse Transformer: Concentrated Attention Through Explicit Selection", 2019)
+
+    def top_k_blocks(s, h):
+        b = _select_block(s)
+        return TopKBlocks(max(1, -(-s[-1] // b) // 4), b) & Causal(), None
+
+    def top_p_blocks(s, h):
+        return TopPBlocks(0.9, _select_block(s)) & Causal(), None
+
+    rows = (
+        ("top_k_blocks", (moba, nsa, seer), top_k_blocks,
+         "top-k key blocks per query block by pooled q.k (or a learned SeerGate)"),
+        ("top_p_blocks", (flexprefill, vmoba), top_p_blocks,
+         "fewest key blocks reaching a share p of the pooled-score softmax"),
+        ("top_k_per_query", (explicit, theta), lambda s, h: (TopKPerQuery(max(1, s[-1] // 8)) & Causal(), None),
+         "each query's k largest logits, streamed over key chunks"),
+        ("top_theta", (theta,), lambda s, h: (TopTheta(1.0, max(1, s[-1] // 4)) & Causal(), None),
+         "logits above a calibrated per-head threshold (calibrate_thresholds)"),
+    )
+    return tuple(Mechanism(name, "adaptive", "pattern", papers, True, True, True, (1,), _SPARSE, example, summary)
+                 for name, papers, example, summary in rows)
+
+
+MECHANISMS = MECHANISMS + _operators() + _adaptive()
 
 
 def _divisor(n: int) -> int:

@@ -32,6 +32,7 @@ import torch
 from ..api import attention
 from ..geometry import check_qkv
 from ..patterns.base import as_pattern
+from ..patterns.content import resolve_pattern
 from ..registry import Mechanism
 from ..scores.base import as_score_mod
 from ..testing import density, rel_error
@@ -147,8 +148,12 @@ def make_case(measurement: Measurement, mechanism: Mechanism, memory_limit_bytes
     if mechanism.kind == "operator":
         m = measurement
         operator = mechanism.operator(m.L, m.S, m.heads, m.head_dim, m.causal)
-    return Case(measurement, mechanism, q, k, v, as_pattern(pattern), as_score_mod(score_mod),
-                check_qkv(q, k, v), memory_limit_bytes, operator)
+    score_mod = as_score_mod(score_mod)
+    # a content pattern's selection is made once per case, so that attnlab and every peer run
+    # the same selected set (its own cost is measured by attnlab.bench.adaptive_figures)
+    pattern = resolve_pattern(as_pattern(pattern), q, k, score_mod=score_mod)
+    return Case(measurement, mechanism, q, k, v, pattern, score_mod, check_qkv(q, k, v),
+                memory_limit_bytes, operator)
 
 
 def run_measurement(measurement: Measurement, mechanism: Mechanism, impls: list[Impl], *,

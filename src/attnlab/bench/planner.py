@@ -36,6 +36,7 @@ from .. import registry
 from ..geometry import Geometry
 from ..patterns import Causal, Full
 from ..patterns.base import as_pattern
+from ..patterns.content import has_content, resolve_pattern
 from ..registry import Mechanism
 
 NONCAUSAL_SELF = "noncausal-self"
@@ -123,6 +124,10 @@ def example_is_causal(mechanism: Mechanism | str, heads: int = 8) -> bool:
     if type(pattern) is Full:
         return False
     n = PROBE_LENGTH
+    if has_content(pattern):  # its selection on random probe inputs
+        gen = torch.Generator().manual_seed(0)
+        q, k = (torch.randn(1, heads, n, 8, generator=gen) for _ in range(2))
+        pattern = resolve_pattern(pattern, q, k)
     qi, kv = torch.arange(n).view(1, 1, -1, 1), torch.arange(n).view(1, 1, 1, -1)
     mask = pattern.mask(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(heads).view(1, -1, 1, 1),
                         qi, kv, _geometry(n, n, heads))
