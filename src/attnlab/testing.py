@@ -36,6 +36,17 @@ def make_geometry(
     )
 
 
+def random_qkv(B: int = 2, Hq: int = 4, Hkv: int = 2, L: int = 90, S: int | None = None, D: int = 8,
+               Dv: int | None = None, *, dtype: torch.dtype = torch.float64, seed: int = 0,
+               grad: bool = False) -> list[torch.Tensor]:
+    """Seeded standard-normal ``q (B, Hq, L, D)``, ``k (B, Hkv, S, D)``, ``v (B, Hkv, S, Dv)``
+    (``S = L``, ``Dv = D`` by default), leaves that require grad when ``grad``."""
+    g = torch.Generator().manual_seed(seed)
+    S = L if S is None else S
+    shapes = ((B, Hq, L, D), (B, Hkv, S, D), (B, Hkv, S, D if Dv is None else Dv))
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_(grad) for s in shapes]
+
+
 def dense_mask(pattern: Pattern, geometry: Geometry) -> torch.Tensor:
     """The pattern's elementwise mask over all token pairs, shape ``(B, Hq, L, S)``
     (flat token indices). For tests on small problems only."""

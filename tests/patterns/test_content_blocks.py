@@ -13,18 +13,13 @@ import attnlab as al
 from attnlab.patterns import (
     BlockSparse, KeySet, SeerGate, TopKBlocks, TopPBlocks, resolve_pattern, seer_gate_loss,
 )
-from attnlab.testing import check_pattern_layout, dense_mask
+from attnlab.testing import random_qkv, check_pattern_layout, dense_mask
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-def _qkv(B=2, Hq=4, Hkv=2, L=150, S=None, D=8, seed=0, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    S = L if S is None else S
-    q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
-    return [t.requires_grad_(grad) for t in (q, k, v)]
+def _qkv(L=150, **kw):
+    return random_qkv(L=L, **kw)
 
 
 def _pooled_scores_by_hand(q, k, bq, bk):

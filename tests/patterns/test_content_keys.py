@@ -9,18 +9,13 @@ import attnlab as al
 import attnlab.patterns.top_keys as top_keys
 from attnlab.fidelity import attention_fidelity
 from attnlab.patterns import KeySet, TopKPerQuery, TopTheta, calibrate_thresholds, resolve_pattern
-from attnlab.testing import check_pattern_layout, dense_mask, make_geometry
+from attnlab.testing import random_qkv, check_pattern_layout, dense_mask, make_geometry
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-def _qkv(B=2, Hq=4, Hkv=2, L=90, S=None, D=8, seed=0, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    S = L if S is None else S
-    q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
-    return [t.requires_grad_(grad) for t in (q, k, v)]
+def _qkv(L=90, **kw):
+    return random_qkv(L=L, **kw)
 
 
 def _dense_logits(q, k):
