@@ -15,6 +15,11 @@ from .top_blocks import TopKBlocks, TopPBlocks
 from .top_keys import TopKPerQuery, TopTheta, calibrate_thresholds
 from .seer_gate import SeerGate, block_attention_mass, seer_gate_loss
 from .windows import Blocked, Grid, Halo
+from .routing_kmeans import ClusterMask, KMeansRouter, KMeansRouting
+from .region_routing import RegionMask, RegionRouting
+from .linear_estimate import LinearEstimateTopK
+from .hierarchical_topk import HierarchicalTopK
+from .expert_choice import ExpertChoice, MixtureOfSparseAttention, TokenSubset
 
 __all__ = [
     "Pattern", "Full", "Causal", "Union", "Intersection", "MaskMod", "as_pattern",
@@ -23,4 +28,6 @@ __all__ = [
     "ContentPattern", "SelectionContext", "has_content", "resolve_pattern", "KeySet", "TopKBlocks",
     "TopPBlocks", "TopKPerQuery", "TopTheta", "calibrate_thresholds", "SeerGate",
     "block_attention_mass", "seer_gate_loss",
+    "ClusterMask", "KMeansRouter", "KMeansRouting", "RegionMask", "RegionRouting", "LinearEstimateTopK",
+    "HierarchicalTopK", "ExpertChoice", "MixtureOfSparseAttention", "TokenSubset",
 ]
