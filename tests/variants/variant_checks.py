@@ -37,14 +37,16 @@ def check_close(fast_out, ref_out, wrt, *, seed=1, msg="", **tol):
             torch.testing.assert_close(x, y, **tol, msg=lambda m, i=i: f"{msg}: grad {i}\n{m}")
 
 
-def train_losses(module, steps=40, lr=1e-2, B=8, L=10, seed=0, target=None):
-    """Fit ``module`` on a fixed toy regression (reproduce a fixed random linear mixing of the
-    tokens' running mean); returns (first loss, last loss)."""
+def train_losses(module, steps=40, lr=1e-2, B=8, L=10, seed=0, target_fn=None):
+    """Fit ``module`` on a fixed toy regression, ``target_fn(x)`` or by default a fixed random
+    linear mixing of the tokens' running mean; returns (first loss, last loss)."""
     torch.manual_seed(seed)
     E = module.embed_dim
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, L, E, generator=g)
-    if target is None:
+    if target_fn is not None:
+        target = target_fn(x)
+    else:
         W = torch.randn(E, E, generator=g) / E ** 0.5
         csum = x.cumsum(1) / torch.arange(1, L + 1).view(1, -1, 1)
         target = csum @ W
