@@ -9,7 +9,7 @@ from attnlab.geometry import check_qkv
 from attnlab.patterns import has_content, resolve_pattern
 from attnlab.testing import check_pattern_layout
 
-TOL = dict(rtol=1e-9, atol=1e-10)
+TOL = {"rtol": 1e-9, "atol": 1e-10}
 
 
 def assert_exact_over_selection(pattern, q, k, v, score_mod=None, options=None):

@@ -4,13 +4,13 @@ scores, the layer's gathered and full-sequence paths agree, the layer trains, er
 
 import pytest
 import torch
+from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 import attnlab as al
 from attnlab.geometry import check_qkv
 from attnlab.patterns import resolve_pattern
 from attnlab.patterns.expert_choice import ExpertChoice, MixtureOfSparseAttention, TokenSubset
 from attnlab.testing import dense_mask, random_qkv
-from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 TILES = [((16,), (16,)), ((7,), (5,)), ((64,), (16,))]
 

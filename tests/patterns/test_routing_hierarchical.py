@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 import attnlab as al
 from attnlab.patterns import TopKBlocks, resolve_pattern
 from attnlab.patterns.hierarchical_topk import HierarchicalTopK, start_level
 from attnlab.testing import MaxNumel, random_qkv
-from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 TILES = [((16,), (16,)), ((7,), (5,)), ((64,), (16,))]
 NEG = float("-inf")
@@ -31,16 +31,16 @@ def _search_by_hand(q, k, K, bq, bk, br, causal=False, local=True):
             for r in range(nq):
                 rows = list(range(r * bq, min(L, (r + 1) * bq)))
                 pq = q[b, h, rows].mean(0)
-                s = lambda c: float(pq @ pk[c]) / math.sqrt(D)
+                scores = [float(pq @ pk[c]) / math.sqrt(D) for c in range(nk)]
                 cand = [c for c in range(nk) if not causal or c * bk <= rows[-1] + off]
                 loc = min(max(rows[0] + off, 0), S - 1) // bk if local and rows[-1] + off >= 0 else None
                 elig = [c for c in cand if c != loc]
 
-                def rep(a, size):
+                def rep(a, size, elig=elig, scores=scores):
                     inside = [c for c in elig if a <= c < a + size]
-                    return s(inside[(len(inside) - 1) // 2]) if inside else NEG
+                    return scores[inside[(len(inside) - 1) // 2]] if inside else NEG
 
-                def score(a, m):
+                def score(a, m, rep=rep):
                     if m == 0:
                         return rep(a, 1)
                     return max(rep(a + i * br ** (m - 1), br ** (m - 1)) for i in range(br))

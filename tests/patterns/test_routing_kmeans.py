@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 import attnlab as al
 from attnlab.geometry import check_qkv
 from attnlab.patterns import resolve_pattern
 from attnlab.patterns.routing_kmeans import ClusterMask, KMeansRouter, KMeansRouting
 from attnlab.testing import MaxNumel, dense_mask, make_geometry, random_qkv
-from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 TILES = [((16,), (16,)), ((7,), (5,)), ((64,), (16,)), ((1,), (150,))]
 

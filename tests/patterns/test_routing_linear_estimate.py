@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 import attnlab as al
 from attnlab.geometry import check_qkv
 from attnlab.patterns import BlockSparse, KeySet, resolve_pattern
 from attnlab.patterns.linear_estimate import LinearEstimateTopK
 from attnlab.testing import MaxNumel, dense_mask, random_qkv
-from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 TILES = [((16,), (16,)), ((7,), (5,)), ((64,), (16,))]
 
@@ -113,7 +113,7 @@ def test_attention_over_the_estimated_blocks_is_exact(make):
 
 def test_exact_with_a_score_mod_and_bottom_right_causal_cross_attention():
     q, k, v = random_qkv(L=70, S=150, grad=True)
-    out, lse = al.attention(q, k, v, pattern=LinearEstimateTopK(1, 32) & al.Causal(), return_lse=True)
+    _, lse = al.attention(q, k, v, pattern=LinearEstimateTopK(1, 32) & al.Causal(), return_lse=True)
     assert torch.isfinite(lse).all()
     assert_exact_over_selection(LinearEstimateTopK(2, 32) & al.Causal(), q, k, v, score_mod=al.ALiBi(4))
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 import attnlab as al
 from attnlab.backends.registry import TiledBackend
@@ -13,7 +14,6 @@ from attnlab.geometry import check_qkv
 from attnlab.patterns import resolve_pattern
 from attnlab.patterns.region_routing import RegionMask, RegionRouting
 from attnlab.testing import dense_mask, random_qkv
-from routing_checks import TOL, assert_exact_over_selection, assert_layout_agrees, perturbed_after
 
 
 def _grid_qkv(shape, B=2, Hq=4, Hkv=2, D=8, seed=0, grad=False, kv_shape=None):

@@ -19,7 +19,7 @@ fixed, ``ExpertChoice(k, scores) & Causal()`` lets no later key change an earlie
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ class ExpertChoice(ContentPattern):
             ``k (B, Hkv, S, D)`` of each call.
     """
 
-    def __init__(self, k: int, router: Union[torch.Tensor, Callable]):
+    def __init__(self, k: int, router: torch.Tensor | Callable):
         self.k = check_int("k", k, 1)
         if isinstance(router, torch.Tensor):
             if router.ndim != 3 or not router.is_floating_point():
@@ -217,4 +217,4 @@ class MixtureOfSparseAttention(nn.Module):
                 f"gather={self.gather}")
 
 
-__all__ = ["TokenSubset", "ExpertChoice", "MixtureOfSparseAttention"]
+__all__ = ["ExpertChoice", "MixtureOfSparseAttention", "TokenSubset"]

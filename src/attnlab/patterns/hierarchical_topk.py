@@ -15,8 +15,6 @@ only through the exact softmax attention over them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._checks import check_int

@@ -19,7 +19,7 @@ only through the exact softmax attention over them.
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class LinearEstimateTopK(_BlockSelection):
     The selection ignores the score mod.
     """
 
-    def __init__(self, k: int, block_size=64, feature_map: Union[str, Callable] = "elu+1", *,
+    def __init__(self, k: int, block_size=64, feature_map: str | Callable = "elu+1", *,
                  local: bool = True, per_query: bool = False):
         super().__init__(block_size, local, None, per_query)
         self.k = check_int("k", k, 1)

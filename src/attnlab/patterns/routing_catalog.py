@@ -82,4 +82,4 @@ def routing_mechanisms() -> tuple:
     )
 
 
-__all__ = ["routing_mechanisms", "query_norm_router"]
+__all__ = ["query_norm_router", "routing_mechanisms"]

@@ -23,9 +23,6 @@ nearest tokens are ranked over the whole sequence) and the per-call k-means of
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,7 +72,7 @@ class ClusterMask(Pattern):
     memberships.
     """
 
-    def __init__(self, q_cluster: torch.Tensor, k_cluster: torch.Tensor, num_clusters: Optional[int] = None):
+    def __init__(self, q_cluster: torch.Tensor, k_cluster: torch.Tensor, num_clusters: int | None = None):
         for name, t in (("q_cluster", q_cluster), ("k_cluster", k_cluster)):
             if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or t.ndim != 3:
                 raise TypeError(f"{name} must be an int32/int64 tensor of shape (B or 1, H or 1, tokens), got "
@@ -88,7 +85,7 @@ class ClusterMask(Pattern):
                   F.one_hot(k_cluster.long().clamp(min=-1) + 1, C + 1)[..., 1:].bool(), exact=True)
 
     @classmethod
-    def from_membership(cls, q_member: torch.Tensor, k_member: torch.Tensor) -> "ClusterMask":
+    def from_membership(cls, q_member: torch.Tensor, k_member: torch.Tensor) -> ClusterMask:
         """Tokens in any number of clusters: ``q_member (Bb, Hb, L, C)``, ``k_member (Bb, Hb, S, C)`` bool."""
         for name, t in (("q_member", q_member), ("k_member", k_member)):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or t.ndim != 4:
@@ -165,7 +162,7 @@ def _as_centroids(c: torch.Tensor) -> torch.Tensor:
 def _farthest_point_init(x: torch.Tensor, C: int) -> torch.Tensor:
     """``x (H, N, D)`` unit vectors -> ``(H, C, D)``: the first vector, then repeatedly the one
     least similar to every centroid chosen so far (deterministic)."""
-    H, N, D = x.shape
+    H = x.shape[0]
     chosen = [x[:, 0]]
     best = x @ x[:, 0, :, None]  # (H, N, 1) similarity to the nearest chosen centroid
     for _ in range(1, C):
@@ -202,7 +199,7 @@ class KMeansRouting(ContentPattern):
     static parts simply remove pairs. The selection ignores the score mod.
     """
 
-    def __init__(self, num_clusters: int, *, centroids=None, window: Optional[int] = None, iters: int = 3):
+    def __init__(self, num_clusters: int, *, centroids=None, window: int | None = None, iters: int = 3):
         self.num_clusters = check_int("num_clusters", num_clusters, 1)
         if centroids is not None and not isinstance(centroids, (torch.Tensor, KMeansRouter)):
             raise TypeError(f"centroids must be None, a (C, D) / (H, C, D) tensor or a KMeansRouter, got "
@@ -219,7 +216,7 @@ class KMeansRouting(ContentPattern):
         self.window = None if window is None else check_int("window", window, 1)
         self.iters = check_int("iters", iters, 0)
 
-    def _centroid_tensor(self) -> Optional[torch.Tensor]:
+    def _centroid_tensor(self) -> torch.Tensor | None:
         c = self.centroids
         return c.centroids if isinstance(c, KMeansRouter) else c
 
@@ -317,7 +314,7 @@ class KMeansRouter(nn.Module):
     def num_clusters(self) -> int:
         return self.centroids.shape[1]
 
-    def pattern(self, window: Optional[int] = None) -> KMeansRouting:
+    def pattern(self, window: int | None = None) -> KMeansRouting:
         """A :class:`KMeansRouting` that reads this router's centroids at every call."""
         return KMeansRouting(self.num_clusters, centroids=self, window=window)
 
@@ -347,7 +344,7 @@ class KMeansRouter(nn.Module):
         moved = self.decay * self.centroids + (1 - self.decay) * mean
         self.centroids.copy_(torch.where(counts[..., None] > 0, moved, self.centroids))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, window: Optional[int] = None) -> KMeansRouting:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, window: int | None = None) -> KMeansRouting:
         """Update (in training mode) and return the routing pattern."""
         self.update(q, k)
         return self.pattern(window)
@@ -357,4 +354,4 @@ class KMeansRouter(nn.Module):
         return f"num_heads={H}, head_dim={D}, num_clusters={C}, decay={self.decay}"
 
 
-__all__ = ["ClusterMask", "KMeansRouting", "KMeansRouter", "nearest_centroid"]
+__all__ = ["ClusterMask", "KMeansRouter", "KMeansRouting", "nearest_centroid"]
