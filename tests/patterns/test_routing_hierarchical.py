@@ -17,8 +17,9 @@ TILES = [((16,), (16,)), ((7,), (5,)), ((64,), (16,))]
 NEG = float("-inf")
 
 
-def _search_by_hand(q, k, K, bq, bk, br, causal=False, local=True):
-    """The documented search with lists and recursion, one (batch, head, query block) at a time."""
+def _search_by_hand(q, k, K, bq, bk, br, causal=False, local=True, allowed=None):
+    """The documented search with lists and recursion, one (batch, head, query block) at a time
+    (``allowed``: an optional (Bb, Hb, nq, nk) block layout the search is restricted to)."""
     B, Hq, L, D = q.shape
     G = Hq // k.shape[1]
     S = k.shape[2]
@@ -32,7 +33,8 @@ def _search_by_hand(q, k, K, bq, bk, br, causal=False, local=True):
                 rows = list(range(r * bq, min(L, (r + 1) * bq)))
                 pq = q[b, h, rows].mean(0)
                 scores = [float(pq @ pk[c]) / math.sqrt(D) for c in range(nk)]
-                cand = [c for c in range(nk) if not causal or c * bk <= rows[-1] + off]
+                cand = [c for c in range(nk) if (not causal or c * bk <= rows[-1] + off)
+                        and (allowed is None or allowed[b % allowed.shape[0], h % allowed.shape[1], r, c])]
                 loc = min(max(rows[0] + off, 0), S - 1) // bk if local and rows[-1] + off >= 0 else None
                 elig = [c for c in cand if c != loc]
 
@@ -72,13 +74,21 @@ def test_start_level():
 ])
 def test_search_matches_the_recursive_definition(K, br, causal, local, S):
     L = 149
-    q, k, _ = random_qkv(B=1, Hq=2, Hkv=1, L=L, S=S)
+    q, k, _ = random_qkv(B=2, Hq=3, Hkv=1, L=L, S=S)
     pat = HierarchicalTopK(K, 8, br, local=local)
     static = resolve_pattern(pat & al.Causal() if causal else pat, q, k)
     lay = (static.parts[0] if causal else static).layout
     want = _search_by_hand(q, k, K, 8, 8, br, causal, local)
     assert torch.equal(lay, want)
     assert (lay.sum(-1) <= K).all() and (lay.sum(-1) >= 1).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 1), (2, 2)])
+def test_search_inside_a_per_batch_or_per_head_block_layout(shape):
+    q, k, _ = random_qkv(B=2, Hq=2, Hkv=1, L=149)
+    allowed = torch.rand(*shape, 19, 19, generator=torch.Generator().manual_seed(4)) < 0.6
+    static = resolve_pattern(HierarchicalTopK(2, 8) & al.BlockSparse(allowed, 8), q, k)
+    assert torch.equal(static.parts[0].layout, _search_by_hand(q, k, 2, 8, 8, 2, allowed=allowed))
 
 
 def test_search_starting_at_the_blocks_is_top_k_blocks():

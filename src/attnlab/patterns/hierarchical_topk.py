@@ -101,10 +101,22 @@ class HierarchicalTopK(_BlockSelection):
         cand = ctx.candidate_blocks(self.query_block, self.block_kv)
         cand = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=dev) if cand is None else cand
         local = self.local_blocks(g, dev) if self.local else torch.zeros(nq, nk, dtype=torch.bool, device=dev)
-        eligible = (cand & ~local).expand(B, H, nq, nk)
-        cum = eligible.to(torch.int64).cumsum(-1).contiguous()  # eligible blocks in [0, c]
+        # running counts of eligible blocks at the candidates' own (Bb, Hb): (B, H) searches are
+        # folded into their last axis, so a static restriction costs O(nq * nk) once, not per head
+        eligible = cand & ~local
+        Bb, Hb = eligible.shape[:2]
+        cum = eligible.to(torch.int32).cumsum(-1, dtype=torch.int32).contiguous()  # eligible in [0, c]
         cum0 = torch.nn.functional.pad(cum, (1, 0))  # eligible blocks in [0, c)
         neg = float("-inf")
+
+        def fold(x):  # (B, H, nq, M) -> (Bb, Hb, nq, B / Bb * H / Hb * M)
+            M = x.shape[-1]
+            x = x.reshape(Bb, B // Bb, Hb, H // Hb, nq, M).permute(0, 2, 4, 1, 3, 5)
+            return x.reshape(Bb, Hb, nq, -1)
+
+        def unfold(x):  # inverse of fold
+            x = x.reshape(Bb, Hb, nq, B // Bb, H // Hb, -1).permute(0, 3, 1, 4, 2, 5)
+            return x.reshape(B, H, nq, -1)
 
         def block_score(idx):  # idx (B, H, nq, M) -> (B, H, nq, M)
             M = idx.shape[-1]
@@ -112,12 +124,12 @@ class HierarchicalTopK(_BlockSelection):
             return ctx.scale * (kk * pq[:, :, :, None, :]).sum(-1)
 
         def representative_score(start, size):  # spans [start, start + size) -> score of the middle eligible block
-            s, e = start.clamp(max=nk), (start + size).clamp(max=nk)
+            s, e = fold(start.clamp(max=nk)), fold((start + size).clamp(max=nk))
             before = cum0.gather(-1, s)
             n = cum0.gather(-1, e) - before
             rank = before + (n - 1).clamp(min=0) // 2
-            blk = torch.searchsorted(cum, rank + 1).clamp(max=nk - 1)
-            return block_score(blk).masked_fill(n <= 0, neg)
+            blk = unfold(torch.searchsorted(cum, rank + 1).clamp(max=nk - 1))
+            return block_score(blk).masked_fill(unfold(n) <= 0, neg)
 
         def span_score(start, m):  # level-m spans -> (B, H, nq, M)
             if m == 0:
@@ -139,14 +151,19 @@ class HierarchicalTopK(_BlockSelection):
             # children past the last block have no eligible block: they score -inf
             starts = (starts[..., None] + torch.arange(b, device=dev) * b ** m).flatten(-2)
             score = span_score(starts, m)
-        final = torch.full((B, H, nq, nk), neg, dtype=compute, device=dev)
-        final.scatter_reduce_(-1, starts.clamp(max=nk - 1), score, reduce="amax")
-        cand = cand.expand(final.shape)
+        # the k leaves found plus the local block (score +inf), best k of them; picks of score
+        # -inf (no eligible block) go to a spare column that is dropped
+        idx, score = starts.clamp(max=nk - 1), score
         if self.local:
-            final = final.masked_fill(local & cand, float("inf"))
-        chosen = final.topk(k, dim=-1).indices
-        keep = torch.zeros_like(cand).scatter_(-1, chosen, True) & (final > neg)
-        return self._layout(keep, cand)
+            has_local = (local & cand).any(-1, keepdim=True).expand(B, H, nq, 1)
+            local_idx = local.to(torch.int8).argmax(-1).view(1, 1, nq, 1).expand(B, H, nq, 1)
+            idx = torch.cat([idx, local_idx], -1)
+            inf = torch.full_like(score[..., :1], float("inf"))
+            score = torch.cat([score, inf.masked_fill(~has_local, neg)], -1)
+        top = score.topk(min(k, score.shape[-1]), dim=-1)
+        picked = idx.gather(-1, top.indices).masked_fill(top.values == neg, nk)
+        keep = torch.zeros(B, H, nq, nk + 1, dtype=torch.bool, device=dev).scatter_(-1, picked, True)
+        return self._layout(keep[..., :nk], cand)
 
     def __repr__(self):
         return f"HierarchicalTopK(k={self.k}, branching={self.branching}, {self._block_args()})"
