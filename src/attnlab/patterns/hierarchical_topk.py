@@ -153,7 +153,7 @@ class HierarchicalTopK(_BlockSelection):
             score = span_score(starts, m)
         # the k leaves found plus the local block (score +inf), best k of them; picks of score
         # -inf (no eligible block) go to a spare column that is dropped
-        idx, score = starts.clamp(max=nk - 1), score
+        idx = starts.clamp(max=nk - 1)
         if self.local:
             has_local = (local & cand).any(-1, keepdim=True).expand(B, H, nq, 1)
             local_idx = local.to(torch.int8).argmax(-1).view(1, 1, nq, 1).expand(B, H, nq, 1)
