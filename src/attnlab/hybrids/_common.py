@@ -93,7 +93,7 @@ def grouped_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
 
 
 def chunked_block_reduce(
-    fn: Callable[[Tensor, Tensor], Tensor], q: Tensor, kb: Tensor, budget: int = 1 << 22
+    fn: Callable[[Tensor, Tensor], Tensor], q: Tensor, kb: Tensor, budget: int = 1 << 18
 ) -> Tensor:
     """``fn(q, kb[:, :, c])`` over chunks ``c`` of the block axis 2 of ``kb`` (``(B, H, nb,
     ...)``), concatenated on the last axis. Each chunk is checkpointed under autograd, so the

@@ -30,7 +30,11 @@ embedding). ``gates (B, Hq, L, 3)`` are given; :class:`NativeSparseAttention` co
 This is the paper's ``l = l' = d`` case (compression blocks = selection blocks, stride = block
 length), where it sets ``p_slc = p_cmp``; overlapping compression blocks (``d < l``) and selection
 blocks of another size are not implemented. Selection is per query token (as in the paper) and
-shared by the query heads of one key/value group (the paper's GQA-consistent selection).
+shared by the query heads of one key/value group (the paper's GQA-consistent selection). With
+``query_block = m > 1`` the queries of each block of ``m`` share one selection, made from their
+summed scores with the forced and complete blocks taken at the block's last query; then a query's
+choice can depend on later queries of its own block (strict causality holds only across query
+blocks), in exchange for fewer partially visible tiles in the selected branch.
 
 Gradients: the top-n selection is discrete and computed without gradient; gradients reach q,
 k, v through the three attentions (including the compressed keys and values, hence ``phi``'s
@@ -150,14 +154,22 @@ def _forced_and_started(t: Tensor, nkb: int, block: int, num_local: int, include
 
 
 def nsa_selection(p_cmp: Tensor, t: Tensor, kv_heads: int, nkb: int, block: int, num_selected: int,
-                  num_local: int, include_first: bool) -> Tensor:
-    """The selected-branch layout ``(B, Hq, L, nKb)`` from the compressed probabilities
-    ``p_cmp (B, Hq, L, n)`` (no gradient): forced blocks plus the top-scoring complete ones,
-    ``num_selected`` in all, shared across each GQA group."""
+                  num_local: int, include_first: bool, query_block: int = 1) -> Tensor:
+    """The selected-branch layout ``(B, Hq, ceil(L / query_block), nKb)`` from the compressed
+    probabilities ``p_cmp (B, Hq, L, n)`` and the query positions ``t (L,)`` (no gradient):
+    forced blocks plus the top-scoring complete ones, ``num_selected`` in all, shared by each
+    GQA group (scores summed over its heads) and each query block (summed over its queries;
+    forced / complete relative to the block's last query)."""
     B, Hq, L, n = p_cmp.shape
     with torch.no_grad():
         score = p_cmp.reshape(B, kv_heads, Hq // kv_heads, L, n).sum(2)
-        full = score.new_full((B, kv_heads, L, nkb), float("-inf"))
+        if query_block > 1:
+            nqb = math.ceil(L / query_block)
+            pad = nqb * query_block - L
+            score = torch.cat([score, score.new_zeros(B, kv_heads, pad, n)], 2)
+            score = score.view(B, kv_heads, nqb, query_block, n).sum(3)
+            t = t[torch.clamp(torch.arange(nqb, device=t.device) * query_block + query_block - 1, max=L - 1)]
+        full = score.new_full(score.shape[:-1] + (nkb,), float("-inf"))
         visible = _compressed_visible(t, n, block)
         full[..., :n] = score.masked_fill(~visible, float("-inf"))
         forced, _ = _forced_and_started(t, nkb, block, num_local, include_first)
@@ -170,7 +182,7 @@ def native_sparse_attention(
     q: Tensor, k: Tensor | Sequence[Tensor], v: Tensor | Sequence[Tensor], gates: Tensor, *,
     block_size: int, num_selected: int, window: int, compress_k: Compress | None = None,
     compress_v: Compress | None = None, num_local_blocks: int = 2, include_first: bool = True,
-    scale: float | None = None, backend: str = "auto", return_branches: bool = False,
+    query_block: int = 1, scale: float | None = None, backend: str = "auto", return_branches: bool = False,
 ):
     """NSA's gated three-branch causal attention (see the module docstring).
 
@@ -187,6 +199,7 @@ def native_sparse_attention(
         num_local_blocks: the query's block and the ``num_local_blocks - 1`` before it are
             always selected (the paper: 2); include_first: block 0 always selected (the paper:
             yes).
+        query_block: queries sharing one selection (1: per query, strictly causal).
         scale: logit scale, ``1/sqrt(D)`` when None. backend: passed to :func:`attnlab.attention`.
         return_branches: also return the three branch outputs (ungated).
 
@@ -194,6 +207,7 @@ def native_sparse_attention(
     """
     pairs, g = _branch_kv(q, k, v)
     l, n_sel, nkb = _check_args(g, gates, block_size, num_selected, window, num_local_blocks, include_first)
+    qb = check_int("query_block", query_block, 1)
     scale = check_scale(scale, g.head_dim)
     t = query_positions(g, q.device)
     (kc_src, vc_src), (ks, vs), (kw, vw) = pairs
@@ -208,8 +222,8 @@ def native_sparse_attention(
         with torch.no_grad():
             p_cmp = masked_softmax(grouped_scores(q.detach(), kc.detach(), scale), visible)
         o_cmp = attention(q, kc, vc, BlockSparse(visible, (1, 1)), scale=scale, backend=backend)
-    layout = nsa_selection(p_cmp, t, g.kv_heads, nkb, l, n_sel, num_local_blocks, include_first)
-    o_slc = attention(q, ks, vs, BlockSparse(layout, (1, l)) & Causal(), scale=scale, backend=backend)
+    layout = nsa_selection(p_cmp, t, g.kv_heads, nkb, l, n_sel, num_local_blocks, include_first, qb)
+    o_slc = attention(q, ks, vs, BlockSparse(layout, (qb, l)) & Causal(), scale=scale, backend=backend)
     o_win = attention(q, kw, vw, SlidingWindow(left=window - 1, right=0), scale=scale, backend=backend)
     return _combine(gates, (o_cmp, o_slc, o_win), return_branches)
 
@@ -228,7 +242,7 @@ def native_sparse_attention_reference(
     q: Tensor, k: Tensor | Sequence[Tensor], v: Tensor | Sequence[Tensor], gates: Tensor, *,
     block_size: int, num_selected: int, window: int, compress_k: Compress | None = None,
     compress_v: Compress | None = None, num_local_blocks: int = 2, include_first: bool = True,
-    scale: float | None = None, return_branches: bool = False,
+    query_block: int = 1, scale: float | None = None, return_branches: bool = False,
 ):
     """Dense reference of :func:`native_sparse_attention`: every branch's ``(L, S)`` token mask
     is built from the definition (selection by rank: a candidate block is kept iff fewer than
@@ -249,18 +263,24 @@ def native_sparse_attention_reference(
     p_cmp = masked_softmax(scale * q @ per_q_head(kc, Hq).transpose(-1, -2), cmp_mask)
     o_cmp = p_cmp @ per_q_head(vc, Hq)
 
-    # selection, per key/value group, by rank
+    # selection, per key/value group and query block, by rank
+    qb = check_int("query_block", query_block, 1)
     B, L = g.batch, g.q_len
-    score = p_cmp.detach().reshape(B, Hkv, Hq // Hkv, L, n).sum(2)
-    score = torch.cat([score, score.new_zeros(B, Hkv, L, nkb - n)], -1)
+    rows = torch.arange(L, device=q.device) // qb  # the query block of every query
+    nqb = int(rows[-1]) + 1
+    member = (torch.arange(nqb, device=q.device)[:, None] == rows[None, :]).to(q.dtype)  # (nqb, L)
+    score = member @ p_cmp.detach().reshape(B, Hkv, Hq // Hkv, L, n).sum(2)  # (B, Hkv, nqb, n)
+    score = torch.cat([score, score.new_zeros(B, Hkv, nqb, nkb - n)], -1)
+    t_blk = t[torch.clamp((torch.arange(nqb, device=q.device) + 1) * qb - 1, max=L - 1)]  # last query
     kb = torch.arange(nkb, device=q.device)[None, :]
-    qb = torch.div(t, l, rounding_mode="floor")
-    started = kb * l <= t
-    forced = started & (((kb <= qb) & (kb > qb - num_local_blocks)) | ((kb == 0) & include_first))
-    cand = (kb * l + l - 1 <= t) & ~forced  # complete, so it has a compressed score
+    qblk = torch.div(t_blk, l, rounding_mode="floor")
+    started = kb * l <= t_blk
+    forced = started & (((kb <= qblk) & (kb > qblk - num_local_blocks)) | ((kb == 0) & include_first))
+    cand = (kb * l + l - 1 <= t_blk) & ~forced  # complete, so it has a compressed score
     budget = n_sel - forced.sum(-1, keepdim=True)
-    selected = forced | rank_mask(score, cand.expand(score.shape), budget)
-    sel_mask = per_q_head(selected, Hq)[..., torch.div(j[0], l, rounding_mode="floor")] & (j <= t)
+    selected = forced | rank_mask(score, cand.expand(score.shape), budget)  # (B, Hkv, nqb, nkb)
+    sel_tok = per_q_head(selected, Hq)[:, :, rows][..., torch.div(j[0], l, rounding_mode="floor")]
+    sel_mask = sel_tok & (j <= t)
     o_slc = masked_softmax(scale * q @ per_q_head(ks, Hq).transpose(-1, -2), sel_mask) @ per_q_head(vs, Hq)
     win_mask = (j <= t) & (j >= t - window + 1)
     o_win = masked_softmax(scale * q @ per_q_head(kw, Hq).transpose(-1, -2), win_mask) @ per_q_head(vw, Hq)
@@ -300,7 +320,8 @@ class NativeSparseAttention(nn.Module):
     Args:
         embed_dim: ``E``; num_heads: ``Hq`` (head dim ``E // Hq``); num_kv_heads: ``Hkv`` (GQA,
             default ``Hq``).
-        block_size, num_selected, window, num_local_blocks, include_first: as in the function.
+        block_size, num_selected, window, num_local_blocks, include_first, query_block: as in the
+            function.
         compress: ``"mlp"`` (:class:`BlockCompressor` for keys and for values, the paper's) or
             ``"mean"``.
         bias: biases of the projections.
@@ -313,7 +334,8 @@ class NativeSparseAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, block_size: int, num_selected: int, window: int, *,
                  num_kv_heads: int | None = None, compress: str = "mlp", num_local_blocks: int = 2,
-                 include_first: bool = True, bias: bool = True, device=None, dtype=None) -> None:
+                 include_first: bool = True, query_block: int = 1, bias: bool = True, device=None,
+                 dtype=None) -> None:
         super().__init__()
         check_int("embed_dim", embed_dim, 1)
         check_int("num_heads", num_heads, 1)
@@ -332,6 +354,7 @@ class NativeSparseAttention(nn.Module):
         self.window = check_int("window", window, 1)
         self.num_local_blocks = check_int("num_local_blocks", num_local_blocks, 0)
         self.include_first = check_bool("include_first", include_first)
+        self.query_block = check_int("query_block", query_block, 1)
         if self.num_selected < self.num_local_blocks + int(include_first):
             raise ValueError(
                 f"num_selected={num_selected} must be at least num_local_blocks + include_first = "
@@ -365,7 +388,8 @@ class NativeSparseAttention(nn.Module):
         gates = torch.sigmoid(self.gate(x)).view(B, L, H, 3).transpose(1, 2)
         kw = dict(block_size=self.block_size, num_selected=self.num_selected, window=self.window,
                   compress_k=self.compress_k, compress_v=self.compress_v,
-                  num_local_blocks=self.num_local_blocks, include_first=self.include_first)
+                  num_local_blocks=self.num_local_blocks, include_first=self.include_first,
+                  query_block=self.query_block)
         fn = native_sparse_attention_reference if check_bool("reference", reference) else native_sparse_attention
         o = fn(q, ks, vs, gates, **kw)
         return self.out_proj(o.transpose(1, 2).reshape(B, L, H * d))
