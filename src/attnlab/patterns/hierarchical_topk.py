@@ -65,7 +65,9 @@ class HierarchicalTopK(_BlockSelection):
     Cost per query block: ``O(k * branching**2 * log_branching(nKb))`` pooled dot products
     (each of the ``k * branching`` children of a round is scored through its ``branching``
     children) plus a binary search per representative in the running count of eligible blocks;
-    the pooled keys cost ``O(S D)`` once.
+    the pooled keys cost ``O(S D)`` once and the running counts ``O(nQb * nKb)`` integers at the
+    batch/head shape of the candidates (once, shared by all heads under a static restriction),
+    the same size as the block layout that is returned.
 
     Args:
         k: key blocks per query block (``1 <= k <= ceil(S / block_kv)``); ``k`` equal to the
