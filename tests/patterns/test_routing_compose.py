@@ -4,14 +4,19 @@ combined set is exact."""
 
 import pytest
 import torch
+from routing_checks import assert_exact_over_selection, assert_layout_agrees
 
 import attnlab as al
 from attnlab.patterns import (
-    ExpertChoice, HierarchicalTopK, KMeansRouting, LinearEstimateTopK, RegionRouting, has_content,
+    ExpertChoice,
+    HierarchicalTopK,
+    KMeansRouting,
+    LinearEstimateTopK,
+    RegionRouting,
+    has_content,
     resolve_pattern,
 )
 from attnlab.testing import random_qkv
-from routing_checks import assert_exact_over_selection, assert_layout_agrees
 
 
 def _scores():
