@@ -8,7 +8,8 @@ from .api import attention, attention_weights, explain
 from .linear import LinearAttentionState, linear_attention, linear_attention_weights
 from .merge import merge_attentions
 from .patterns import (
-    BlockLayout, Blocked, BlockSparse, Causal, Document, Full, GlobalTokens, Grid, Halo,
+    BlockLayout, Blocked, BlockSparse, Causal, Document, ExpertChoice, Full, GlobalTokens, Grid, Halo,
+    HierarchicalTopK, KMeansRouting, LinearEstimateTopK, RegionRouting,
     KeySet, MaskMod, Neighborhood, Pattern, PrefixLM, Radial, SeerGate, Sinks, SlidingWindow, Strided,
     Tiling, TopKBlocks, TopKPerQuery, TopPBlocks, TopTheta, calibrate_thresholds, resolve_pattern,
 )
@@ -27,5 +28,6 @@ __all__ = [
     "PrefixLM", "BlockSparse", "Radial", "ScoreMod", "ScoreContext", "ALiBi", "RelativeBias",
     "RelativeEmbedding", "Softcap", "Temperature", "linear_attention", "linear_attention_weights",
     "LinearAttentionState", "KeySet", "TopKBlocks", "TopPBlocks", "TopKPerQuery", "TopTheta",
-    "SeerGate", "calibrate_thresholds", "resolve_pattern", "attention_fidelity",
+    "SeerGate", "calibrate_thresholds", "resolve_pattern", "attention_fidelity", "KMeansRouting",
+    "RegionRouting", "LinearEstimateTopK", "HierarchicalTopK", "ExpertChoice",
 ]

@@ -289,14 +289,10 @@ def _operators() -> tuple[Mechanism, ...]:
     )
 
 
-def _select_block(shape: tuple[int, ...]) -> int:
-    """A selection block for the examples: 64 tokens, smaller on short sequences."""
-    return max(4, min(64, shape[-1] // 8))
-
-
 def _adaptive() -> tuple[Mechanism, ...]:
     """Section C: content-based selections (each exact over the set it selects)."""
     from .patterns import TopKBlocks, TopKPerQuery, TopPBlocks, TopTheta
+    from .patterns.routing_catalog import example_block, routing_mechanisms
 
     moba = Paper("MoBA: Mixture of Block Attention for Long-Context LLMs", 2025)
     nsa = Paper("Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention", 2025)
@@ -307,11 +303,11 @@ def _adaptive() -> tuple[Mechanism, ...]:
     explicit = Paper("Explicit Sparse Transformer: Concentrated Attention Through Explicit Selection", 2019)
 
     def top_k_blocks(s, h):
-        b = _select_block(s)
+        b = example_block(s)
         return TopKBlocks(max(1, -(-s[-1] // b) // 4), b) & Causal(), None
 
     def top_p_blocks(s, h):
-        return TopPBlocks(0.9, _select_block(s)) & Causal(), None
+        return TopPBlocks(0.9, example_block(s)) & Causal(), None
 
     rows = (
         ("top_k_blocks", (moba, nsa, seer), top_k_blocks,
@@ -324,7 +320,7 @@ def _adaptive() -> tuple[Mechanism, ...]:
          "logits above a calibrated per-head threshold (calibrate_thresholds)"),
     )
     return tuple(Mechanism(name, "adaptive", "pattern", papers, True, True, True, (1,), _SPARSE, example, summary)
-                 for name, papers, example, summary in rows)
+                 for name, papers, example, summary in rows) + routing_mechanisms()
 
 
 MECHANISMS = MECHANISMS + _operators() + _adaptive()

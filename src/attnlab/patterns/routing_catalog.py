@@ -19,13 +19,13 @@ from .region_routing import RegionRouting
 from .routing_kmeans import KMeansRouting
 
 
-def _block(shape: tuple[int, ...]) -> int:
+def example_block(shape: tuple[int, ...]) -> int:
     """A selection block for the examples: 64 tokens, smaller on short sequences."""
     return max(4, min(64, shape[-1] // 8))
 
 
 def _quarter_of_blocks(shape: tuple[int, ...]) -> int:
-    return max(1, -(-shape[-1] // _block(shape)) // 4)
+    return max(1, -(-shape[-1] // example_block(shape)) // 4)
 
 
 def _region(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -66,12 +66,12 @@ def routing_mechanisms() -> tuple:
         Mechanism("linear_estimate_top_k", "adaptive", "pattern",
                   (Paper("SEA: Sparse Linear Attention with Estimated Attention Mask", 2024),),
                   True, True, True, (1,), backends,
-                  lambda s, h: (LinearEstimateTopK(_quarter_of_blocks(s), _block(s)) & Causal(), None),
+                  lambda s, h: (LinearEstimateTopK(_quarter_of_blocks(s), example_block(s)) & Causal(), None),
                   "top-k key blocks by a linear-attention (elu+1) estimate of the attention mass"),
         Mechanism("hierarchical_top_k", "adaptive", "pattern",
                   (Paper("HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning", 2024),),
                   True, True, True, (1,), backends,
-                  lambda s, h: (HierarchicalTopK(_quarter_of_blocks(s), _block(s)) & Causal(), None),
+                  lambda s, h: (HierarchicalTopK(_quarter_of_blocks(s), example_block(s)) & Causal(), None),
                   "top-k key blocks by a tree search over key spans"),
         Mechanism("expert_choice", "adaptive", "pattern",
                   (Paper("Mixture of Sparse Attention: Content-Based Learnable Sparse Attention via Expert-Choice Routing", 2025),),
