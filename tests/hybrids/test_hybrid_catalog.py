@@ -57,3 +57,17 @@ def test_float32_is_close_to_float64(mech):
     ref = op.reference(q.double(), k.double(), v.double())
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out.double() - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("mech", ROWS, ids=[m.name for m in ROWS])
+def test_bfloat16_runs_forward_and_backward(mech):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+    op = mech.operator(64, 64, 2, 16, mech.causal)
+    qb, kb, vb = (x.to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    out = op.fast(qb, kb, vb)
+    ref = op.reference(q.double(), k.double(), v.double())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max() <= 5e-2 * max(1.0, ref.abs().max().item())
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (qb, kb, vb))

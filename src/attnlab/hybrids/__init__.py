@@ -17,17 +17,22 @@ their catalog rows.
 """
 
 from .catalog import hybrid_mechanisms
-from .cca import CoreContextAwareAttention, core_context_aware_attention, core_context_aware_attention_reference
+from .cca import (
+    CoreContextAwareAttention, core_context_aware_attention, core_context_aware_attention_reference,
+)
 from .combiner import CombinerAttention, combiner_attention, combiner_attention_reference
 from .hilo import HiLoAttention, hilo_attention, hilo_attention_reference
 from .landmark import (
     LandmarkAttention, insert_landmarks, landmark_attention, landmark_attention_reference, landmark_mask,
     remove_landmarks,
 )
-from .nsa import BlockCompressor, NativeSparseAttention, native_sparse_attention, native_sparse_attention_reference
+from .nsa import (
+    BlockCompressor, NativeSparseAttention, native_sparse_attention, native_sparse_attention_reference,
+)
 
 __all__ = [
-    "native_sparse_attention", "native_sparse_attention_reference", "NativeSparseAttention", "BlockCompressor",
+    "native_sparse_attention", "native_sparse_attention_reference", "NativeSparseAttention",
+    "BlockCompressor",
     "hilo_attention", "hilo_attention_reference", "HiLoAttention",
     "combiner_attention", "combiner_attention_reference", "CombinerAttention",
     "core_context_aware_attention", "core_context_aware_attention_reference", "CoreContextAwareAttention",

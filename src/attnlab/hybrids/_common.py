@@ -162,5 +162,6 @@ class Projections(nn.Module):
 
 __all__ = [
     "check_1d", "check_self", "check_bool", "check_optional_int", "per_q_head", "masked_softmax",
-    "query_positions", "top_k_mask", "rank_mask", "grouped_scores", "chunked_block_reduce", "Projections", "check_qkv",
+    "query_positions", "top_k_mask", "rank_mask", "grouped_scores", "chunked_block_reduce",
+    "Projections", "check_qkv",
 ]

@@ -34,7 +34,7 @@ def nsa_operator(L: int, S: int, heads: int, head_dim: int, causal: bool):
     w = torch.randn(head_dim, 3, generator=torch.Generator().manual_seed(0)) / math.sqrt(head_dim)
 
     def bind(fn):
-        return lambda q, k, v: fn(q, k, v, torch.sigmoid(q @ w.to(q.dtype)), **kw)
+        return lambda q, k, v: fn(q, k, v, torch.sigmoid(q @ w.to(q.device, q.dtype)), **kw)
 
     return Operator(bind(native_sparse_attention), bind(native_sparse_attention_reference),
                     f"mean-pooled blocks of {block}, top-{n_sel} blocks, window {kw['window']}, gates "
@@ -89,7 +89,8 @@ def landmark_operator(L: int, S: int, heads: int, head_dim: int, causal: bool):
     return Operator(lambda q, k, v: landmark_attention(q, k, v, **kw),
                     lambda q, k, v: landmark_attention_reference(q, k, v, **kw),
                     f"every {block + 1}-th key is its block's landmark; "
-                    + (f"top-{kw['top_k']} block retrieval" if kw["top_k"] else "all blocks (grouped softmax)"))
+                    + (f"top-{kw['top_k']} block retrieval" if kw["top_k"]
+                       else "all blocks (grouped softmax)"))
 
 
 def hybrid_mechanisms() -> tuple:
@@ -97,19 +98,23 @@ def hybrid_mechanisms() -> tuple:
     from ..registry import Paper, _op
 
     fam = "adaptive"
+    nsa = Paper("Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention", 2025)
+    nsa_opt = Paper("Optimizing Native Sparse Attention with Latent Attention and Local Global "
+                    "Alternating Strategies", 2025)
+    hilo = Paper("Fast Vision Transformers with HiLo Attention", 2022)
+    combiner = Paper("Combiner: Full Attention Transformer with Sparse Computation Cost", 2021)
+    cca = Paper("Core Context Aware Attention for Long Context Language Modeling", 2024)
+    landmark = Paper("Landmark Attention: Random-Access Infinite Context Length for Transformers", 2023)
     return (
-        _op("nsa", fam, (Paper("Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention", 2025),
-                         Paper("Optimizing Native Sparse Attention with Latent Attention and Local Global Alternating Strategies", 2025)),
-            nsa_operator, "compressed + top-n selected blocks + sliding window, sigmoid-gated", noncausal=False),
-        _op("hilo", fam, (Paper("Fast Vision Transformers with HiLo Attention", 2022),), hilo_operator,
+        _op("nsa", fam, (nsa, nsa_opt), nsa_operator,
+            "compressed + top-n selected blocks + sliding window, sigmoid-gated", noncausal=False),
+        _op("hilo", fam, (hilo,), hilo_operator,
             "Hi heads in local windows, Lo heads on window-averaged keys/values", causal=False, cross=False),
-        _op("combiner", fam, (Paper("Combiner: Full Attention Transformer with Sparse Computation Cost", 2021),),
-            combiner_operator, "Combiner-Fixed: local region plus one abstraction per other region, one softmax",
+        _op("combiner", fam, (combiner,), combiner_operator,
+            "Combiner-Fixed: local region plus one abstraction per other region, one softmax", cross=False),
+        _op("cca", fam, (cca,), cca_operator,
+            "significance-weighted core tokens plus a local window, one softmax", noncausal=False,
             cross=False),
-        _op("cca", fam, (Paper("Core Context Aware Attention for Long Context Language Modeling", 2024),),
-            cca_operator, "significance-weighted core tokens plus a local window, one softmax", noncausal=False,
-            cross=False),
-        _op("landmark", fam, (Paper("Landmark Attention: Random-Access Infinite Context Length for Transformers", 2023),),
-            landmark_operator, "landmark tokens gate their blocks (grouped softmax), top-k block retrieval",
-            noncausal=False),
+        _op("landmark", fam, (landmark,), landmark_operator,
+            "landmark tokens gate their blocks (grouped softmax), top-k block retrieval", noncausal=False),
     )

@@ -49,7 +49,9 @@ from ..merge import merge_attentions
 from ..patterns import BlockSparse, Causal
 from ._common import Projections, check_1d, check_bool, check_self, masked_softmax, per_q_head
 
-__all__ = ["core_context_aware_attention", "core_context_aware_attention_reference", "CoreContextAwareAttention"]
+__all__ = [
+    "core_context_aware_attention", "core_context_aware_attention_reference", "CoreContextAwareAttention",
+]
 
 
 def _check(q, k, v, group_size, local_window):
@@ -143,7 +145,8 @@ class CoreContextAwareAttention(Projections):
 
     def forward(self, x: Tensor, *, reference: bool = False) -> Tensor:
         q, k, v = self.qkv(x)
-        fn = core_context_aware_attention_reference if check_bool("reference", reference) else core_context_aware_attention
+        ref = check_bool("reference", reference)
+        fn = core_context_aware_attention_reference if ref else core_context_aware_attention
         return self.out(fn(q, k, v, group_size=self.group_size, local_window=self.local_window))
 
     def extra_repr(self) -> str:

@@ -54,7 +54,9 @@ def _check_window(window: Window, shape: tuple[int, ...]) -> tuple[int, ...]:
     for ax, (wi, n) in enumerate(zip(w, shape)):
         check_int(f"window[{ax}]", wi, 1)
         if wi > n:
-            raise ValueError(f"window[{ax}]={wi} is larger than token axis {ax} of length {n}; expected <= {n}")
+            raise ValueError(
+                f"window[{ax}]={wi} is larger than token axis {ax} of length {n}; expected <= {n}"
+            )
     return w
 
 
@@ -109,7 +111,8 @@ def hilo_attention(q: Tensor, k: Tensor, v: Tensor, *, window: Window, lo_heads:
     scale = check_scale(scale, g.head_dim)
     outs = []
     if hi:
-        outs.append(attention(q[:, :hi], k[:, :hi_kv], v[:, :hi_kv], Blocked(w), scale=scale, backend=backend))
+        hi_out = attention(q[:, :hi], k[:, :hi_kv], v[:, :hi_kv], Blocked(w), scale=scale, backend=backend)
+        outs.append(hi_out)
     if hi < g.q_heads:
         B, nd = g.batch, g.ndim
         ql = q[:, hi:].flatten(2, 1 + nd)
@@ -209,14 +212,17 @@ class HiLoAttention(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.shape[-1] != self.embed_dim or x.dim() not in (3, 4):
-            raise ValueError(f"x.shape={tuple(x.shape)}, expected (B, H*W, {self.embed_dim}) or (B, H, W, {self.embed_dim})")
+            E = self.embed_dim
+            raise ValueError(f"x.shape={tuple(x.shape)}, expected (B, H*W, {E}) or (B, H, W, {E})")
         if x.dim() == 4:
             if hw is not None and tuple(hw) != tuple(x.shape[1:3]):
                 raise ValueError(f"hw={hw!r} does not match x.shape={tuple(x.shape)}")
             return x, False
         if (not isinstance(hw, (tuple, list)) or len(hw) != 2
                 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in hw)):
-            raise TypeError(f"hw must be a pair of positive ints (H, W) for x of shape (B, N, E), got hw={hw!r}")
+            raise TypeError(
+                f"hw must be a pair of positive ints (H, W) for x of shape (B, N, E), got hw={hw!r}"
+            )
         if hw[0] * hw[1] != x.shape[1]:
             raise ValueError(f"hw={tuple(hw)} has {hw[0] * hw[1]} tokens but x.shape[1]={x.shape[1]}")
         return x.view(x.shape[0], hw[0], hw[1], self.embed_dim), True
@@ -237,7 +243,8 @@ class HiLoAttention(nn.Module):
             if lh:
                 kl, vl = self.l_kv(xg).view(B, H, W, 2, lh * d).unbind(3)
                 qs.append(heads(self.l_q(xg), lh)), ks.append(heads(kl, lh)), vs.append(heads(vl, lh))
-            o = hilo_attention_reference(torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1), window=w, lo_heads=lh)
+            qa, ka, va = torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1)
+            o = hilo_attention_reference(qa, ka, va, window=w, lo_heads=lh)
             if hh:
                 outs.append(self.h_proj(merge(o[:, :hh])))
             if lh:

@@ -22,9 +22,9 @@ This is the grouped softmax of the paper's training formulation, as in its relea
       o_t = sum_j P[t, j] v_j        (landmark values are never read)
 
 ``top_k`` is the paper's block retrieval done inside one sequence: it keeps, per query and head,
-the ``top_k`` earlier blocks with the highest landmark score (ties to the earlier block) and renormalises over them and the
-current section. (The released cache additionally keeps the blocks of the current chunk and can
-share the choice across heads; neither is done here.)
+the ``top_k`` earlier blocks with the highest landmark score (ties to the earlier block) and
+renormalises over them and the current section. (The released cache additionally keeps the
+blocks of the current chunk and can share the choice across heads; neither is done here.)
 
 Fast path: the grouped softmax equals one softmax with a block-level additive bias
 ``beta[t, c] = s_{t, l_c} - logsumexp_{j' regular in c} s_tj'`` on the regular keys of earlier
@@ -72,7 +72,8 @@ def insert_landmarks(x: Tensor, block_size: int, landmark: Tensor) -> Tensor:
         raise ValueError(f"x must be a (B, N, E) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     B, N, E = x.shape
     if not isinstance(landmark, torch.Tensor) or tuple(landmark.shape) != (E,):
-        raise ValueError(f"landmark must be an (E,) = ({E},) tensor, got {getattr(landmark, 'shape', landmark)}")
+        got = getattr(landmark, "shape", landmark)
+        raise ValueError(f"landmark must be an (E,) = ({E},) tensor, got {got}")
     n = N // b
     full = x[:, : n * b].reshape(B, n, b, E)
     lm = landmark.to(x.dtype).expand(B, n, 1, E)
@@ -152,13 +153,15 @@ def landmark_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_
     c = torch.arange(ng, device=q.device)
     earlier = c[None, :] < qg[:, None]  # (L, ng); such groups are complete
     current = c[None, :] == qg[:, None]
-    table = q.new_zeros(g.batch, g.q_heads, g.q_len, ng)
+    cdt = torch.promote_types(q.dtype, torch.float32)  # the block-level bias in float32 at least
+    table = q.new_zeros(g.batch, g.q_heads, g.q_len, ng, dtype=cdt)
     allowed = current
     pattern = Causal()
     if n:
-        kb = k[:, :, : n * G].reshape(g.batch, g.kv_heads, n, G, g.head_dim)
-        s_land = scale * q @ per_q_head(kb[:, :, :, b], g.q_heads).transpose(-1, -2)  # (B, Hq, L, n)
-        beta = s_land - _block_lse(q, kb[:, :, :, :b], scale)
+        qc = q.to(cdt)
+        kb = k[:, :, : n * G].reshape(g.batch, g.kv_heads, n, G, g.head_dim).to(cdt)
+        s_land = scale * qc @ per_q_head(kb[:, :, :, b], g.q_heads).transpose(-1, -2)  # (B, Hq, L, n)
+        beta = s_land - _block_lse(qc, kb[:, :, :, :b], scale)
         keep = earlier[:, :n]
         if top_k is not None:
             keep = top_k_mask(s_land.detach().masked_fill(~keep, float("-inf")), top_k)
@@ -171,12 +174,13 @@ def landmark_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_
     return attention(q, k, v, pattern, _GroupBias(table, G), scale=scale, backend=backend)
 
 
-def landmark_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int | None = None,
-                                 scale: float | None = None) -> Tensor:
+def landmark_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, block_size: int,
+                                 top_k: int | None = None, scale: float | None = None) -> Tensor:
     """Dense reference of :func:`landmark_attention`, the grouped softmax written out: one
     masked softmax over the current section and the (kept) earlier landmarks, one masked softmax
     per earlier group over its regular tokens, and their product. Retrieval keeps a block iff
-    fewer than ``top_k`` earlier landmarks beat it (score higher, or tie at a lower index). Materialises ``(B, Hq, L, S)``."""
+    fewer than ``top_k`` earlier landmarks beat it (score higher, or tie at a lower index).
+    Materialises ``(B, Hq, L, S)``."""
     g, b, top_k, n = _check(q, k, v, block_size, top_k)
     scale = check_scale(scale, g.head_dim)
     G, Hq, S = b + 1, g.q_heads, g.kv_len
@@ -191,7 +195,8 @@ def landmark_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, block_size:
     if top_k is not None:
         cols = torch.arange(n, device=q.device) * G + b  # the landmark key positions
         kept = torch.zeros(s.shape, dtype=torch.bool, device=q.device)
-        kept[..., cols] = rank_mask(s.detach()[..., cols], prev_land[:, cols].expand(s.shape[:-1] + (n,)), top_k)
+        eligible = prev_land[:, cols].expand(s.shape[:-1] + (n,))
+        kept[..., cols] = rank_mask(s.detach()[..., cols], eligible, top_k)
         prev_land = kept
     outer = masked_softmax(s, current | prev_land)  # current section + landmarks
     out = (outer * current) @ vf

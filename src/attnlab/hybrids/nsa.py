@@ -117,7 +117,9 @@ def _check_args(g, gates, block_size, num_selected, window, num_local_blocks, in
         raise TypeError(f"gates must be a floating-point torch.Tensor, got {type(gates).__name__}")
     want = (g.batch, g.q_heads, g.q_len, 3)
     if tuple(gates.shape) != want:
-        raise ValueError(f"gates must have shape (B, Hq, L, 3) = {want}, got gates.shape={tuple(gates.shape)}")
+        raise ValueError(
+            f"gates must have shape (B, Hq, L, 3) = {want}, got gates.shape={tuple(gates.shape)}"
+        )
     if gates.device != g.device:
         raise ValueError(f"gates must be on {g.device}, got gates.device={gates.device}")
     return l, n, nkb
@@ -215,12 +217,13 @@ def native_sparse_attention(
     vc = compress_blocks(vc_src, l, compress_v, "compress_v")
     n = kc.shape[2]
     if n == 0:
-        p_cmp = q.new_zeros(g.batch, g.q_heads, g.q_len, 0)
+        p_cmp = q.new_zeros(g.batch, g.q_heads, g.q_len, 0, dtype=torch.promote_types(q.dtype, torch.float32))
         o_cmp = q.new_zeros(g.batch, g.q_heads, g.q_len, vc.shape[-1])
     else:
         visible = _compressed_visible(t, n, l)
-        with torch.no_grad():
-            p_cmp = masked_softmax(grouped_scores(q.detach(), kc.detach(), scale), visible)
+        with torch.no_grad():  # selection scores in float32 at least (half inputs)
+            cdt = torch.promote_types(q.dtype, torch.float32)
+            p_cmp = masked_softmax(grouped_scores(q.detach().to(cdt), kc.detach().to(cdt), scale), visible)
         o_cmp = attention(q, kc, vc, BlockSparse(visible, (1, 1)), scale=scale, backend=backend)
     layout = nsa_selection(p_cmp, t, g.kv_heads, nkb, l, n_sel, num_local_blocks, include_first, qb)
     o_slc = attention(q, ks, vs, BlockSparse(layout, (qb, l)) & Causal(), scale=scale, backend=backend)
@@ -246,8 +249,8 @@ def native_sparse_attention_reference(
 ):
     """Dense reference of :func:`native_sparse_attention`: every branch's ``(L, S)`` token mask
     is built from the definition (selection by rank: a candidate block is kept iff fewer than
-    ``n - |forced|`` candidates beat it: a higher score, or a tie at a lower block index) and each branch is a dense masked
-    softmax. Same arguments; materialises ``(B, Hq, L, S)``."""
+    ``n - |forced|`` candidates beat it: a higher score, or a tie at a lower block index) and
+    each branch is a dense masked softmax. Same arguments; materialises ``(B, Hq, L, S)``."""
     pairs, g = _branch_kv(q, k, v)
     l, n_sel, nkb = _check_args(g, gates, block_size, num_selected, window, num_local_blocks, include_first)
     scale = check_scale(scale, g.head_dim)
@@ -390,7 +393,8 @@ class NativeSparseAttention(nn.Module):
                   compress_k=self.compress_k, compress_v=self.compress_v,
                   num_local_blocks=self.num_local_blocks, include_first=self.include_first,
                   query_block=self.query_block)
-        fn = native_sparse_attention_reference if check_bool("reference", reference) else native_sparse_attention
+        ref = check_bool("reference", reference)
+        fn = native_sparse_attention_reference if ref else native_sparse_attention
         o = fn(q, ks, vs, gates, **kw)
         return self.out_proj(o.transpose(1, 2).reshape(B, L, H * d))
 
