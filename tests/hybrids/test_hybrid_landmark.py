@@ -68,6 +68,15 @@ def test_degenerate_settings():
                                landmark_attention(q, k, v, block_size=4), rtol=1e-9, atol=1e-11)
 
 
+def test_rows_before_the_first_key_are_zero_not_nan():
+    q, k, v = qkv(1, 2, 2, 20, 12, 4)  # L > S: the first 8 queries see no key
+    for top_k in (None, 2):
+        out = landmark_attention(q, k, v, block_size=3, top_k=top_k)
+        assert torch.isfinite(out).all() and out[:, :, :8].abs().max() == 0 and out[:, :, 8:].abs().max() > 0
+        torch.testing.assert_close(out, landmark_attention_reference(q, k, v, block_size=3, top_k=top_k),
+                                   rtol=1e-9, atol=1e-11)
+
+
 def test_landmark_values_are_never_read():
     q, k, v = qkv(1, 2, 2, 23, 23, 8)
     with torch.no_grad():

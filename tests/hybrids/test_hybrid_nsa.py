@@ -133,8 +133,11 @@ def test_causal():
 
 def test_no_nan_when_rows_see_nothing():
     q, k, v = qkv(1, 2, 2, 12, 5, 4)
-    out = native_sparse_attention(q, k, v, torch.ones(1, 2, 12, 3, dtype=F64), block_size=2, num_selected=3, window=2)
+    gates = torch.ones(1, 2, 12, 3, dtype=F64)
+    out = native_sparse_attention(q, k, v, gates, block_size=2, num_selected=3, window=2)
     assert torch.isfinite(out).all() and out[:, :, :7].abs().max() == 0
+    ref = native_sparse_attention_reference(q, k, v, gates, block_size=2, num_selected=3, window=2)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
 
 
 def test_bad_inputs():
