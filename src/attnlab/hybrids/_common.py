@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
-from ..geometry import Geometry, check_qkv
+from ..geometry import Geometry
 
 
 def check_1d(g: Geometry, what: str) -> None:
@@ -163,5 +163,5 @@ class Projections(nn.Module):
 __all__ = [
     "check_1d", "check_self", "check_bool", "check_optional_int", "per_q_head", "masked_softmax",
     "query_positions", "top_k_mask", "rank_mask", "grouped_scores", "chunked_block_reduce",
-    "Projections", "check_qkv",
+    "Projections",
 ]
