@@ -323,7 +323,13 @@ def _adaptive() -> tuple[Mechanism, ...]:
                  for name, papers, example, summary in rows) + routing_mechanisms()
 
 
-MECHANISMS = MECHANISMS + _operators() + _adaptive()
+def _hybrids() -> tuple[Mechanism, ...]:
+    from .hybrids.catalog import hybrid_mechanisms
+
+    return hybrid_mechanisms()
+
+
+MECHANISMS = MECHANISMS + _operators() + _adaptive() + _hybrids()
 
 
 def _divisor(n: int) -> int:

@@ -101,3 +101,14 @@ def test_query_dependent_score_mod_gradients_with_and_without_split_rows(split):
     assert rel_error(got[0], want[0]) < 1e-12
     for a, b in zip(got[2], want[2]):
         assert rel_error(a, b) < 1e-10
+
+
+def test_keys_and_values_sliced_from_one_tensor():
+    """k and v as slices of one wider tensor along the feature axis (not contiguous rows)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    kv = torch.randn(2, 4, 9, 14, generator=g, dtype=torch.float64)
+    k, v = kv[..., :8], kv[..., 8:]
+    for pattern in (None, al.Causal(), al.SlidingWindow(3)):
+        torch.testing.assert_close(al.attention(q, k, v, pattern, backend="tiled"),
+                                   al.attention(q, k, v, pattern, backend="reference"))

@@ -72,8 +72,9 @@ def from_tiles(x: torch.Tensor, t: Tiling, fold_heads: bool) -> torch.Tensor:
 
 
 def flat_kv(x: torch.Tensor) -> torch.Tensor:
-    """``(B, Hkv, *S, E)`` -> ``(B * Hkv * S, E)`` (a view when contiguous)."""
-    return x.reshape(-1, x.shape[-1])
+    """``(B, Hkv, *S, E)`` -> ``(B * Hkv * S, E)``, contiguous (a view when ``x`` is): whole
+    tiles are moved as rows of ``tile * E`` elements, which a slice of a wider tensor is not."""
+    return x.contiguous().view(-1, x.shape[-1])
 
 
 # -- per-chunk index sets -------------------------------------------------------------------

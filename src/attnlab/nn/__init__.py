@@ -9,8 +9,19 @@
   :class:`AgentAttention`, :class:`FlowAttention`, :class:`NormAttention`.
 - Spectral token mixers: :class:`FNetMixer`, :class:`GlobalFilter`, :class:`FFTNetMixer`,
   :class:`SpectFormerBlock`.
+- Hybrid sparse attention (:mod:`attnlab.hybrids`): :class:`NativeSparseAttention`,
+  :class:`HiLoAttention`, :class:`CombinerAttention`, :class:`CoreContextAwareAttention`,
+  :class:`LandmarkAttention`; content-routed: :class:`MixtureOfSparseAttention` (MoSA).
 """
 
+from ..hybrids import (
+    CombinerAttention,
+    CoreContextAwareAttention,
+    HiLoAttention,
+    LandmarkAttention,
+    NativeSparseAttention,
+)
+from ..patterns import MixtureOfSparseAttention
 from .agent import AgentAttention
 from .flow import FlowAttention
 from .linear import GatedLinearAttention, LinearAttention, Retention
@@ -31,4 +42,6 @@ __all__ = [
     "NeighborhoodAttention2d", "NeighborhoodAttention3d", "NeighborhoodRelativeBias",
     "RelativeSelfAttention", "LinearAttention", "Retention", "GatedLinearAttention", "AgentAttention",
     "FlowAttention", "NormAttention", "FNetMixer", "GlobalFilter", "FFTNetMixer", "SpectFormerBlock",
+    "NativeSparseAttention", "HiLoAttention", "CombinerAttention", "CoreContextAwareAttention",
+    "LandmarkAttention", "MixtureOfSparseAttention",
 ]
