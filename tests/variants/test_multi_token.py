@@ -69,8 +69,9 @@ def test_causal_mask_keeps_the_future_out():
 def test_empty_rows_are_zero():
     q, k, v = qkv(L=10, S=4)
     w, _ = _params()
-    out = multi_token_attention(q, k, v, w, al.Causal())
+    out = multi_token_attention(q, k, v, w, al.Causal(), chunk_size=2)  # chunks 0-2 see no key
     assert torch.equal(out[:, :, :6], torch.zeros_like(out[:, :, :6]))
+    check_close(out, multi_token_attention_reference(q, k, v, w, al.Causal()), (q, k, v, w), msg="empty chunks")
 
 
 def test_memory_is_chunk_times_s():
@@ -79,6 +80,9 @@ def test_memory_is_chunk_times_s():
     with MaxNumel() as probe:
         multi_token_attention(q, k, v, w, al.Causal(), chunk_size=64)
     assert probe.max_numel <= 2 * (64 + 2) * (1024 + 4) * 2
+    with MaxNumel() as probe:  # a window: each chunk computes only the keys its rows see
+        multi_token_attention(q, k, v, w, al.SlidingWindow(left=31, right=0), chunk_size=64)
+    assert probe.max_numel <= 2 * (64 + 2) * (64 + 31 + 2 * 16) * 2
 
 
 def test_bad_inputs():

@@ -21,11 +21,15 @@ each group of ``c_h`` consecutive heads, ``X'_{g c_h + r} = sum_s head_mix[g, r,
 applied to the conv output before the ``-inf`` mask (``head_mix_position="pre"``) or to the
 probabilities ``W`` (``"post"``, the default).
 
-Fast path (:func:`multi_token_attention`): query chunks of ``chunk_size`` rows, each computing
-the logits of its rows plus the ``c_q - 1`` rows above it, one grouped ``conv2d``, mask,
-softmax and ``@ v``, under activation checkpointing: memory ``B * Hq * (chunk + c_q) * S`` at a
-time. The logit map is inherent to the mechanism, so this is O(chunk * S), not O(span).
-The reference applies the double sum above literally, with shifted copies of ``A0``.
+Fast path (:func:`multi_token_attention`): query chunks of ``chunk_size`` rows. Each chunk
+computes the logits of its rows and of the ``c_q - 1`` rows above it, over the contiguous
+range of key tiles those rows touch in the pattern's block layout (keys a causal or windowed
+pattern hides from the whole chunk are zeros before the conv and hidden after it, so they are
+left out), then one grouped ``conv2d``, the mask, the softmax and ``@ v``, under activation
+checkpointing. Memory ``B * Hq * (chunk + c_q) * range`` at a time, at most
+``(chunk + c_q) * S``: the logit map is inherent to the mechanism, so a key range is computed,
+not the pattern's exact span. The reference applies the double sum above literally, with
+shifted copies of ``A0``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..patterns.layout import Tiling
 from ._common import (
     DEFAULT_MAX_ELEMENTS, check_param, check_positive_int, check_qkv, check_scale,
     compute_dtype_for, dense_mask, expand_heads, maybe_checkpoint, row_chunks, safe_softmax_lse,
@@ -125,16 +130,16 @@ def multi_token_attention(
     kv_idx = torch.arange(S, device=dev).view(1, 1, 1, -1)
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
 
-    def step(a, lo, qh, kk, vv, w, mix):
-        n = qh.shape[2]  # rows lo .. a + C - 1, lo = max(0, a - cq + 1)
+    def step(a, lo, j0, qh, kk, vv, w, mix):
+        n, nk = qh.shape[2], kk.shape[2]  # rows lo .. a + C - 1 (lo = max(0, a - cq + 1)), keys j0 ..
         s = torch.matmul(qh.view(B, Hkv, G, n, -1), kk.unsqueeze(2).transpose(-1, -2)) * scale
-        s = s.reshape(B, Hq, n, S)
+        s = s.reshape(B, Hq, n, nk)
         rows = torch.arange(lo, lo + n, device=dev).view(1, 1, -1, 1)
-        m = torch.broadcast_to(pattern.mask(b_idx, h_idx, rows, kv_idx, g), s.shape)
+        m = torch.broadcast_to(pattern.mask(b_idx, h_idx, rows, kv_idx[..., j0:j0 + nk], g), s.shape)
         s0 = torch.where(m, s, torch.zeros((), dtype=s.dtype, device=dev))
-        # rows above the first query and keys outside [0, S) are zeros of the conv's input
+        # rows above the first query and keys outside the range are zeros of the conv's input
         s0 = F.pad(s0, (ck - 1 - p, p, cq - 1 - (a - lo), 0))
-        conv = F.conv2d(s0, w.flip(-1, -2).unsqueeze(1), groups=Hq)  # (B, Hq, C, S)
+        conv = F.conv2d(s0, w.flip(-1, -2).unsqueeze(1), groups=Hq)  # (B, Hq, C, nk)
         keep = m[:, :, a - lo:]
         if mix is not None and head_mix_position == "pre":
             conv = _mix(conv, mix)
@@ -142,14 +147,24 @@ def multi_token_attention(
         if mix is not None and head_mix_position == "post":
             probs = _mix(probs, mix)
         C = probs.shape[2]
-        return torch.matmul(probs.view(B, Hkv, G, C, S), vv.unsqueeze(2)).reshape(B, Hq, C, -1)
+        return torch.matmul(probs.view(B, Hkv, G, C, nk), vv.unsqueeze(2)).reshape(B, Hq, C, -1)
 
     outs = []
     extra = (head_mix,) if head_mix is not None else ()
+    # keys no row of a chunk (halo included) sees are zeros before the conv and hidden after
+    # it: only the range [j0, j1) of the key tiles the chunk's rows touch takes part
+    kv_tile = 16
+    touched = pattern.block_layout(Tiling(g, (chunk,), (kv_tile,))).any
+    touched = touched.reshape(-1, *touched.shape[-2:]).any(0)  # (query tiles, key tiles)
     for a, b in row_chunks(L, chunk):
         lo = max(0, a - cq + 1)
-        fn = (lambda qh, kk, vv, w, *mx, _a=a, _lo=lo: step(_a, _lo, qh, kk, vv, w, mx[0] if mx else None))
-        outs.append(maybe_checkpoint(fn, qf[:, :, lo:b], kf, vf, kernel, *extra))
+        cols = touched[lo // chunk: a // chunk + 1].any(0).nonzero().flatten()
+        if cols.numel() == 0:
+            outs.append(qf.new_zeros(B, Hq, b - a, g.value_dim))
+            continue
+        j0, j1 = int(cols[0]) * kv_tile, min(S, (int(cols[-1]) + 1) * kv_tile)
+        fn = (lambda qh, kk, vv, w, *mx, _a=a, _lo=lo, _j0=j0: step(_a, _lo, _j0, qh, kk, vv, w, mx[0] if mx else None))
+        outs.append(maybe_checkpoint(fn, qf[:, :, lo:b], kf[:, :, j0:j1], vf[:, :, j0:j1], kernel, *extra))
     return torch.cat(outs, 2).to(q.dtype)
 
 
