@@ -1,7 +1,6 @@
 """Context broadcasting (CB): add the uniform-attention output, the token mean, to every token.
 
-"Scratching Visual Transformer's Back with Uniform Attention" (Hyeon-Woo, Yu-Ji, Heo, Han,
-Oh and Kim, 2023). Parameter free ("1 line in your model code").
+"Scratching Visual Transformer's Back with Uniform Attention" (Hyeon-Woo et al., 2023). Parameter free ("1 line in your model code").
 
 Semantics, for tokens ``x (B, N, C)`` (tokens along ``dim``)::
 

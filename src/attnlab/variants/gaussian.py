@@ -1,7 +1,7 @@
 """Gaussian Adaptive Attention (GAAM): features reweighted by learned Gaussians.
 
 "Gaussian Adaptive Attention is All You Need: Robust Contextual Representations Across
-Multiple Modalities" (Ioannides, Chadha and Elkins, 2024). The abstract gives learnable
+Multiple Modalities" (Ioannides et al., 2024). The abstract gives learnable
 means and variances per head; the formula below is our reading of the paper and its
 released code (check before relying on it): no query/key dot product, each head reweights
 its own features by a product of Gaussians of the normalised features, normalised along one

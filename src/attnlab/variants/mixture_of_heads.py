@@ -1,6 +1,6 @@
 """Mixture-of-Head attention (MoH): each token routes itself to a few heads.
 
-"MoH: Multi-Head Attention as Mixture-of-Head Attention" (Jin, Zhu, Yan and Yuan, 2024).
+"MoH: Multi-Head Attention as Mixture-of-Head Attention" (Jin et al., 2024).
 Heads are experts: ``h_s`` shared heads are always on, a per-token router picks the top-k of
 the ``h_r`` routed heads, and the head outputs are summed with the router's weights instead
 of plainly (``O = sum_h g_h H_h W_o^h``, which is the output projection of the gated heads).

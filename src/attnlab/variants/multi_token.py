@@ -1,6 +1,6 @@
 """Multi-Token Attention (MTA): a learned convolution over the attention logits.
 
-"Multi-Token Attention" (Golovneva, Wang, Weston and Sukhbaatar, 2025). Each weight depends
+"Multi-Token Attention" (Golovneva et al., 2025). Each weight depends
 on several nearby queries and keys, through a per-head 2-D convolution over the
 (query, key) logit map, with masking before and after it so no hidden pair leaks in, and an
 optional mixing of heads within groups.

@@ -1,8 +1,8 @@
 """Reversed attention (DependencyViT): each child token distributes itself over its parents
 and *sends* its value to them, instead of each query gathering from its keys.
 
-"Visual Dependency Transformers: Dependency Tree Emerges from Reversed Attention" (Ding, Shi,
-Zhang, Yuan, Chen, Tenenbaum and Gan, 2023).
+"Visual Dependency Transformers: Dependency Tree Emerges from Reversed Attention" (Ding et al.,
+2023).
 
 Semantics, in attnlab's layout (output rows are the receivers/parents ``i``, key/value tokens
 the senders/children ``j``), with ``s_ij = scale * q_i . k_j`` and ``M`` the pattern's mask::

@@ -1,6 +1,6 @@
 """Selective attention: tokens can lower the attention that later tokens pay to earlier ones.
 
-"Selective Attention Improves Transformer" (Leviathan, Kalman and Matias, 2024). Parameter
+"Selective Attention Improves Transformer" (Leviathan et al., 2024). Parameter
 free; causal self-attention.
 
 Semantics (the paper's listing), with ``h0`` the selection head (head 0 by default) and

@@ -1,6 +1,6 @@
 """Talking-heads attention: learned mixing of the heads' logits and of their probabilities.
 
-"Talking-Heads Attention" (Shazeer, Lan, Cheng, Ding and Hou, 2020).
+"Talking-Heads Attention" (Shazeer et al., 2020).
 
 Semantics, with ``Hq`` query heads, ``Hl`` logit heads, ``P_l`` of shape ``(Hq, Hl)`` and
 ``P_w`` of shape ``(Hl, Hq)``, ``A^h_ij = scale * q^h_i . k^{g(h)}_j`` (``g`` maps a query

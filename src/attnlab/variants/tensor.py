@@ -2,7 +2,7 @@
 
 "How to Capture Higher-order Correlations? Generalizing Matrix Softmax Attention to
 Kronecker Computation" (Alman and Song, 2024); trained as in "Tensor Attention Training:
-Provably Efficient Learning of Higher-order Transformers" (Liang, Shi, Song and Zhou, 2024).
+Provably Efficient Learning of Higher-order Transformers" (Liang et al., 2024).
 
 Semantics: with ``K1 (.) K2`` the column-wise Kronecker product (row ``(j, l)`` is the
 elementwise product ``k_j * k'_l``) and likewise ``V1 (.) V2``, the output is
