@@ -323,13 +323,14 @@ def _adaptive() -> tuple[Mechanism, ...]:
                  for name, papers, example, summary in rows) + routing_mechanisms()
 
 
-def _hybrids() -> tuple[Mechanism, ...]:
+def _hybrids_and_variants() -> tuple[Mechanism, ...]:
     from .hybrids.catalog import hybrid_mechanisms
+    from .variants.catalog import variant_mechanisms
 
-    return hybrid_mechanisms()
+    return hybrid_mechanisms() + variant_mechanisms()
 
 
-MECHANISMS = MECHANISMS + _operators() + _adaptive() + _hybrids()
+MECHANISMS = MECHANISMS + _operators() + _adaptive() + _hybrids_and_variants()
 
 
 def _divisor(n: int) -> int:

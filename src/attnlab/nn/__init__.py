@@ -12,6 +12,10 @@
 - Hybrid sparse attention (:mod:`attnlab.hybrids`): :class:`NativeSparseAttention`,
   :class:`HiLoAttention`, :class:`CombinerAttention`, :class:`CoreContextAwareAttention`,
   :class:`LandmarkAttention`; content-routed: :class:`MixtureOfSparseAttention` (MoSA).
+- Softmax variants (:mod:`attnlab.variants`): :class:`SelectiveAttention`, :class:`CogAttention`,
+  :class:`MultiTokenAttention`, :class:`TalkingHeadsAttention`, :class:`MixtureOfHeadAttention`,
+  :class:`GaussianAdaptiveAttention`, :class:`SigmoidAttention`, :class:`ContextBroadcasting`,
+  :class:`ReversedAttention`.
 """
 
 from ..hybrids import (
@@ -22,6 +26,17 @@ from ..hybrids import (
     NativeSparseAttention,
 )
 from ..patterns import MixtureOfSparseAttention
+from ..variants import (
+    CogAttention,
+    ContextBroadcasting,
+    GaussianAdaptiveAttention,
+    MixtureOfHeadAttention,
+    MultiTokenAttention,
+    ReversedAttention,
+    SelectiveAttention,
+    SigmoidAttention,
+    TalkingHeadsAttention,
+)
 from .agent import AgentAttention
 from .flow import FlowAttention
 from .linear import GatedLinearAttention, LinearAttention, Retention
@@ -43,5 +58,7 @@ __all__ = [
     "RelativeSelfAttention", "LinearAttention", "Retention", "GatedLinearAttention", "AgentAttention",
     "FlowAttention", "NormAttention", "FNetMixer", "GlobalFilter", "FFTNetMixer", "SpectFormerBlock",
     "NativeSparseAttention", "HiLoAttention", "CombinerAttention", "CoreContextAwareAttention",
-    "LandmarkAttention", "MixtureOfSparseAttention",
+    "LandmarkAttention", "MixtureOfSparseAttention", "SelectiveAttention", "CogAttention",
+    "MultiTokenAttention", "TalkingHeadsAttention", "MixtureOfHeadAttention",
+    "GaussianAdaptiveAttention", "SigmoidAttention", "ContextBroadcasting", "ReversedAttention",
 ]
