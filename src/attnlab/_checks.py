@@ -11,3 +11,10 @@ def check_int(name: str, value: object, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
     return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool; ``TypeError`` naming ``name`` and the value otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}, expected a bool")
+    return value

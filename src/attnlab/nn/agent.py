@@ -10,7 +10,7 @@ import torch
 
 from .._checks import check_int
 from ..linear.agent import agent_attention
-from ._packed import PackedSelfAttention
+from .._packed import PackedSelfAttention
 
 __all__ = ["AgentAttention"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..linear.flow import _check_eps, flow_attention
-from ._packed import PackedSelfAttention
+from .._packed import PackedSelfAttention
 
 __all__ = ["FlowAttention"]
 

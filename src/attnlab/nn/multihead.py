@@ -22,15 +22,11 @@ from ..api import attention, attention_weights
 from ..geometry import Geometry
 from ..patterns.base import Causal, MaskMod, Pattern, as_pattern
 from ..scores.base import ScoreContext, ScoreMod, as_score_mod
-from .._checks import check_int
+from .._checks import check_bool, check_int
 
 
 
 
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}={value!r}, expected a bool")
-    return value
 
 
 def check_dropout(name: str, value: object) -> float:

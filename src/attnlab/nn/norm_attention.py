@@ -14,7 +14,7 @@ from torch import nn
 from .._checks import check_int
 from ..linear.forms import _as_decay
 from ..linear.transnormer import _check_norm_args, norm_attention
-from ._packed import PackedSelfAttention
+from .._packed import PackedSelfAttention
 
 __all__ = ["NormAttention"]
 

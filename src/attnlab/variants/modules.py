@@ -19,7 +19,9 @@ from .gaussian import gaussian_adaptive_attention
 from .mixture_of_heads import mixture_of_heads_attention, moh_balance_loss, moh_gates
 from .multi_token import multi_token_attention
 from .reversed import reversed_attention
-from ._shell import PackedHeads, check_bool, module_pattern
+from .._checks import check_bool
+from .._packed import PackedSelfAttention
+from ._shell import module_pattern
 from .selective import selective_attention
 from .sigmoid import sigmoid_attention
 from .talking_heads import talking_heads_attention
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class SelectiveAttention(PackedHeads):
+class SelectiveAttention(PackedSelfAttention):
     """Causal self-attention with selective attention (Leviathan et al., 2024): head 0's
     ReLU'd logits, accumulated over earlier queries, are subtracted from every head's logits.
     Parameter-free beyond the projections. ``x (B, L, E) -> (B, L, E)``; see
@@ -51,7 +53,7 @@ class SelectiveAttention(PackedHeads):
         return self._base_repr() + f", chunk_size={self.chunk_size}"
 
 
-class CogAttention(PackedHeads):
+class CogAttention(PackedSelfAttention):
     """Self-attention with signed weights ``sign(s) softmax(|s|)`` (Cog attention, Lv et al.,
     2024) over ``pattern`` (None: Full; ``attnlab.Causal()`` for a decoder). ``x (B, L, E) ->
     (B, L, E)``; see :func:`attnlab.variants.cog_attention`."""
@@ -70,7 +72,7 @@ class CogAttention(PackedHeads):
         return self._base_repr() + f", pattern={self.pattern!r}"
 
 
-class MultiTokenAttention(PackedHeads):
+class MultiTokenAttention(PackedSelfAttention):
     """Multi-Token Attention (Golovneva et al., 2025): a learned per-head ``(c_q, c_k)``
     convolution over the logit map (queries looking back, keys centred), masked with 0 before
     and ``-inf`` after, and optional head mixing in groups of ``head_group`` heads.
@@ -125,7 +127,7 @@ class MultiTokenAttention(PackedHeads):
                 f"head_mix_position={self.head_mix_position!r}, pattern={self.pattern!r}")
 
 
-class TalkingHeadsAttention(PackedHeads):
+class TalkingHeadsAttention(PackedSelfAttention):
     """Talking-heads attention (Shazeer et al., 2020): learned ``logits_mix (H, H_l)`` across
     heads before the softmax and ``weights_mix (H_l, H)`` after it, over ``pattern``.
     Initialised to identities when ``num_logit_heads == num_heads`` (plain attention at
@@ -161,7 +163,7 @@ class TalkingHeadsAttention(PackedHeads):
         return self._base_repr() + f", num_logit_heads={self.num_logit_heads}, pattern={self.pattern!r}"
 
 
-class MixtureOfHeadAttention(PackedHeads):
+class MixtureOfHeadAttention(PackedSelfAttention):
     """Mixture-of-Head attention (MoH, 2024): ``num_shared`` always-on heads plus the
     ``top_k`` of the other heads chosen per token by a router; the head outputs are summed
     with the gates of :func:`attnlab.variants.moh_gates` (through ``out_proj``), and rows a
@@ -245,7 +247,7 @@ class GaussianAdaptiveAttention(nn.Module):
                 f"axis={self.axis!r}")
 
 
-class SigmoidAttention(PackedHeads):
+class SigmoidAttention(PackedSelfAttention):
     """Sigmoid self-attention (Ramapuram et al., 2024): ``sigmoid(s + b) @ v`` per head over
     ``pattern``, ``b = logit_bias`` or ``-log(L)`` when None, with an optional score mod
     (ALiBi, ...). ``x (B, L, E) -> (B, L, E)``; see :func:`attnlab.variants.sigmoid_attention`."""
@@ -294,7 +296,7 @@ class ContextBroadcasting(nn.Module):
         return f"embed_dim={self.embed_dim}, learnable_scale={self.scale is not None}"
 
 
-class ReversedAttention(PackedHeads):
+class ReversedAttention(PackedSelfAttention):
     """DependencyViT's reversed attention (Ding et al., 2023): weights normalised over the
     queries, so each (child) token distributes its value over the (parent) tokens that see it.
     With ``message_gate=True`` a learned per-token, per-head gate ``sigmoid(W x + b)``
