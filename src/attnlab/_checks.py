@@ -18,3 +18,8 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}={value!r}, expected a bool")
     return value
+
+
+class SizeLimitError(ValueError):
+    """A problem above a size guard (the message names the size and the limit): the inputs are
+    valid, only too large for that path. The benchmark records it as ``unsupported``."""

@@ -5,6 +5,7 @@ import torch
 
 import attnlab as al
 from attnlab.bench import efficiency, peers
+from attnlab._checks import SizeLimitError
 from attnlab.bench.efficiency import RESULT_FIELDS, make_case, record_key, run_measurement
 from attnlab.bench.memory import peak_memory_mib
 from attnlab.bench.planner import Measurement
@@ -72,6 +73,7 @@ def test_reference_error_sees_a_wrong_result(monkeypatch):
     (RuntimeError("kernel exploded"), "error"),
     (peers.Unsupported("cannot do cross"), "unsupported"),
     (peers.Skipped("too big"), "skipped"),
+    (SizeLimitError("cubic: 10 multiply-adds, above max_work=5"), "unsupported"),
 ])
 def test_peer_failures_are_recorded_not_raised(exc, status):
     recs = _records([peers.Attnlab(), Failing("bad", exc)])

@@ -31,6 +31,7 @@ import torch
 
 from ..api import attention
 from ..geometry import check_qkv
+from .._checks import SizeLimitError
 from ..patterns.base import as_pattern
 from ..patterns.content import resolve_pattern
 from ..registry import Mechanism
@@ -132,7 +133,7 @@ def _measure_impl(impl: Impl, case: Case, repeats: int, error_limit_bytes: int) 
             if m.batch * m.heads * m.L * m.S * 8 * 3 <= error_limit_bytes:
                 res["err_out"], res["err_grad"] = reference_error(case)
         return res
-    except Unsupported as e:
+    except (Unsupported, SizeLimitError) as e:
         return empty_result("unsupported", str(e))
     except Skipped as e:
         return empty_result("skipped", str(e))

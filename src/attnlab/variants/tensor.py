@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .._checks import SizeLimitError
 from ._common import (
     check_positive_int, check_qkv, check_scale, compute_dtype_for, dense_mask, expand_heads,
     flat, maybe_checkpoint, row_chunks, safe_softmax_lse, size_guard, static_pattern, unflat,
@@ -86,7 +87,7 @@ def tensor_attention(
     B, Hq, L, S, D = g.batch, g.q_heads, g.q_len, g.kv_len, g.head_dim
     work = B * Hq * L * S * S * D
     if work > max_work:
-        raise ValueError(
+        raise SizeLimitError(
             f"tensor_attention is cubic: B*Hq*L*S^2*D = {B}*{Hq}*{L}*{S}^2*{D} = {work} multiply-adds, "
             f"above max_work={max_work}; use shorter sequences or raise max_work"
         )
