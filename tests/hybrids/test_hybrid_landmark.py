@@ -11,7 +11,7 @@ from attnlab.hybrids import (
     LandmarkAttention, insert_landmarks, landmark_attention, landmark_attention_reference, landmark_mask,
     remove_landmarks,
 )
-from hybrid_checks import F64, assert_causal, assert_matches_reference, causal_reference, module_matches_reference, qkv
+from hybrid_checks import assert_causal, assert_matches_reference, causal_reference, module_matches_reference, qkv
 
 CASES = [  # Hq, Hkv, L, S, block, top_k
     (2, 2, 37, 37, 4, None),

@@ -114,7 +114,7 @@ def hilo_attention(q: Tensor, k: Tensor, v: Tensor, *, window: Window, lo_heads:
         hi_out = attention(q[:, :hi], k[:, :hi_kv], v[:, :hi_kv], Blocked(w), scale=scale, backend=backend)
         outs.append(hi_out)
     if hi < g.q_heads:
-        B, nd = g.batch, g.ndim
+        nd = g.ndim
         ql = q[:, hi:].flatten(2, 1 + nd)
         kp, vp = window_mean(k[:, hi_kv:], w), window_mean(v[:, hi_kv:], w)
         lo = attention(ql, kp, vp, scale=scale, backend=backend)

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_int
-from ..geometry import Geometry
 from .content import SelectionContext, pooled_blocks
-from .top_blocks import _BlockSelection
+from .top_blocks import _KBlockSelection
 
 
 def start_level(num_blocks: int, k: int, branching: int) -> int:
@@ -32,7 +31,7 @@ def start_level(num_blocks: int, k: int, branching: int) -> int:
     return m
 
 
-class HierarchicalTopK(_BlockSelection):
+class HierarchicalTopK(_KBlockSelection):
     """Each query block keeps ``k`` key blocks found by a tree search over key spans (HiP).
 
     Lee et al., "HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention
@@ -80,16 +79,8 @@ class HierarchicalTopK(_BlockSelection):
     """
 
     def __init__(self, k: int, block_size=64, branching: int = 2, *, local: bool = True, per_query: bool = False):
-        super().__init__(block_size, local, None, per_query)
-        self.k = check_int("k", k, 1)
+        super().__init__(k, block_size, local, None, per_query)
         self.branching = check_int("branching", branching, 2)
-
-    def validate(self, geometry: Geometry) -> None:
-        super().validate(geometry)
-        nk = self.num_blocks(geometry)[1]
-        if self.k > nk:
-            raise ValueError(f"k={self.k} is larger than the number of key blocks ceil(S / block_kv) = "
-                             f"ceil({geometry.kv_len} / {self.block_kv}) = {nk}")
 
     def select(self, ctx: SelectionContext):
         g = ctx.geometry

@@ -24,10 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
-from ..geometry import Geometry
 from .content import SelectionContext
-from .top_blocks import _BlockSelection
+from .top_blocks import _KBlockSelection
 
 _MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "elu+1": lambda x: F.elu(x) + 1.0,
@@ -35,7 +33,7 @@ _MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class LinearEstimateTopK(_BlockSelection):
+class LinearEstimateTopK(_KBlockSelection):
     """Each query block keeps the ``k`` key blocks with the largest linear-attention estimate
     of its attention mass (SEA).
 
@@ -71,8 +69,7 @@ class LinearEstimateTopK(_BlockSelection):
 
     def __init__(self, k: int, block_size=64, feature_map: str | Callable = "elu+1", *,
                  local: bool = True, per_query: bool = False):
-        super().__init__(block_size, local, None, per_query)
-        self.k = check_int("k", k, 1)
+        super().__init__(k, block_size, local, None, per_query)
         if isinstance(feature_map, str):
             if feature_map not in _MAPS:
                 raise ValueError(f"feature_map must be one of {sorted(_MAPS)} or a callable, got {feature_map!r}")
@@ -83,13 +80,6 @@ class LinearEstimateTopK(_BlockSelection):
     def phi(self, x: torch.Tensor) -> torch.Tensor:
         fn = _MAPS[self.feature_map] if isinstance(self.feature_map, str) else self.feature_map
         return fn(x)
-
-    def validate(self, geometry: Geometry) -> None:
-        super().validate(geometry)
-        nk = self.num_blocks(geometry)[1]
-        if self.k > nk:
-            raise ValueError(f"k={self.k} is larger than the number of key blocks ceil(S / block_kv) = "
-                             f"ceil({geometry.kv_len} / {self.block_kv}) = {nk}")
 
     def estimate(self, ctx: SelectionContext) -> torch.Tensor:
         """``(B, Hq, L, nKb)``: ``phi(q_i) . sum_{j in block c} phi(k_j)`` (unnormalised)."""

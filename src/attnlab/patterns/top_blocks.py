@@ -94,7 +94,22 @@ class _BlockSelection(ContentPattern):
         return f"block_size={b}, local={self.local}{per_query}{gate}"
 
 
-class TopKBlocks(_BlockSelection):
+class _KBlockSelection(_BlockSelection):
+    """A selection of ``k`` key blocks per query block (or query), ``1 <= k <= ceil(S / block_kv)``."""
+
+    def __init__(self, k: int, block_size, local: bool, gate: Optional[Callable], per_query: bool):
+        super().__init__(block_size, local, gate, per_query)
+        self.k = check_int("k", k, 1)
+
+    def validate(self, geometry: Geometry) -> None:
+        super().validate(geometry)
+        nk = self.num_blocks(geometry)[1]
+        if self.k > nk:
+            raise ValueError(f"k={self.k} is larger than the number of key blocks ceil(S / block_kv) = "
+                             f"ceil({geometry.kv_len} / {self.block_kv}) = {nk}")
+
+
+class TopKBlocks(_KBlockSelection):
     """Each query block attends to the ``k`` key blocks with the highest pooled scores.
 
     With ``local=True`` (default) the key block at the query block's own (bottom-right aligned)
@@ -124,15 +139,7 @@ class TopKBlocks(_BlockSelection):
 
     def __init__(self, k: int, block_size=64, *, local: bool = True, per_query: bool = False,
                  gate: Optional[Callable] = None):
-        super().__init__(block_size, local, gate, per_query)
-        self.k = check_int("k", k, 1)
-
-    def validate(self, geometry: Geometry) -> None:
-        super().validate(geometry)
-        nk = self.num_blocks(geometry)[1]
-        if self.k > nk:
-            raise ValueError(f"k={self.k} is larger than the number of key blocks ceil(S / block_kv) = "
-                             f"ceil({geometry.kv_len} / {self.block_kv}) = {nk}")
+        super().__init__(k, block_size, local, gate, per_query)
 
     def select(self, ctx: SelectionContext) -> BlockSparse:
         scores, cand = self.block_scores(ctx)
