@@ -1,6 +1,6 @@
-"""The catalog rows of the softmax variants: well formed, and every row's fast path equals its
-reference in float64 (outputs and gradients) in each mode it claims, the same checks that
-tests/test_operators.py runs on every operator row once the rows are registered."""
+"""The catalog rows of the softmax variants are well formed and registered; tests/test_operators.py
+checks every registered operator row's fast path against its reference (float64, outputs and
+gradients, each claimed mode)."""
 
 from __future__ import annotations
 
@@ -25,39 +25,7 @@ def test_rows_are_well_formed_and_named_once():
         assert callable(m.operator) and (m.causal or m.noncausal)
         assert m.example((8,), 2) == (None, None)
         assert m.summary
-        assert m.name not in registered or m in al.catalog(), f"{m.name} clashes with another row"
-
-
-def _modes():
-    for m in ROWS:
-        for causal in (False, True):
-            if m.causal if causal else m.noncausal:
-                for cross in (False, True):
-                    if not cross or m.cross:
-                        yield pytest.param(m, causal, cross, id=f"{m.name}-{'causal' if causal else 'full'}-"
-                                                              f"{'cross' if cross else 'self'}")
-
-
-@pytest.mark.parametrize("mech,causal,cross", list(_modes()))
-def test_operator_fast_matches_reference_in_float64(mech, causal, cross):
-    B, H, L, D = 2, 2, 37, 8
-    S = 29 if cross else L
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, H, S, D, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, H, S, D, generator=g, dtype=torch.float64, requires_grad=True)
-    op = mech.operator(L, S, H, D, causal)
-    out, ref = op.fast(q, k, v), op.reference(q, k, v)
-    assert out.shape == ref.shape and out.shape[:2] == (B, H)
-    assert out.abs().max() > 0
-    torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-9)
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    fg = torch.autograd.grad(out, (q, k, v), go, allow_unused=True)
-    rg = torch.autograd.grad(ref, (q, k, v), go, allow_unused=True)
-    for name, a, b in zip("qkv", fg, rg):
-        assert (a is None) == (b is None), f"d{name} used by one path only"
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=f"d{name} of {mech.name}")
+        assert m.name in registered, f"{m.name} is not registered"
 
 
 @pytest.mark.parametrize("mech", ROWS, ids=[m.name for m in ROWS])
