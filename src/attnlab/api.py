@@ -11,7 +11,8 @@ and ``lse = -inf``.
 
 from __future__ import annotations
 
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, Callable
 
 import torch
 
@@ -24,6 +25,11 @@ from .patterns.layout import Tiling
 from .scores.base import as_score_mod
 
 AUTO = "auto"
+
+# Set by ``attnlab.inspect`` (capture, interventions) to ``hook(problem, run)``, which returns
+# what ``attention`` returns; ``run()`` is the normal dispatch. None: nothing is inspected.
+INSPECT_HOOK: ContextVar[Callable[[Problem, Callable[[], Any]], Any] | None] = ContextVar(
+    "attnlab_inspect_hook", default=None)
 
 
 def _problem(q, k, v, pattern, score_mod, scale, return_lse, options) -> Problem:
@@ -78,9 +84,8 @@ def _select(problem: Problem, backend: str) -> tuple[Backend, dict[str, list[str
     candidates = list(backends.values()) if backend == AUTO else [backends[backend]]
     _check_options(problem, candidates)
     reasons: dict[str, list[str]] = {}
-    for b in backends.values():
-        reasons[b.name] = b.not_supported_reasons(problem)
-    for b in candidates:
+    for b in candidates:  # in priority order; later backends are not asked
+        reasons[b.name] = b.not_supported_reasons(problem) or (b.declines(problem) if backend == AUTO else [])
         if not reasons[b.name]:
             return b, reasons
     if backend != AUTO:
@@ -137,11 +142,16 @@ def attention(
         out = softmax(logits, -1) @ v                          # rows with no key -> 0
     """
     problem = _problem(q, k, v, pattern, score_mod, scale, return_lse, options)
+    hook = INSPECT_HOOK.get()
+    if hook is not None:
+        return hook(problem, lambda: _dispatch(problem, backend))
+    return _dispatch(problem, backend)
+
+
+def _dispatch(problem: Problem, backend: str):
     chosen, _ = _select(problem, backend)
     out, lse = chosen.run(problem)
-    if return_lse:
-        return out, lse
-    return out
+    return (out, lse) if problem.return_lse else out
 
 
 def attention_weights(
@@ -199,11 +209,14 @@ def explain(
         chosen_name, reasons = None, {b.name: b.not_supported_reasons(problem) for b in all_backends().values()}
         header = f"cannot run: {e}"
     lines = [header, f"problem: {problem.describe()}"]
+    for b in all_backends().values():
+        if b.name not in reasons:
+            reasons[b.name] = b.not_supported_reasons(problem) or (b.declines(problem) if backend == AUTO else [])
     for name, why in reasons.items():
         mark = "*" if name == chosen_name else " "
         status = "can run" if not why else "; ".join(why)
         lines.append(f" {mark} {name:<9} {status}")
-    if chosen_name == "tiled":
+    if chosen_name in ("tiled", "block_flash"):
         lines.append(_layout_summary(problem))
     text = Explanation("\n".join(lines))
     text.backend = chosen_name
