@@ -140,7 +140,8 @@ SUMMARY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("pattern,score_mod,L,S", SUMMARY_CASES, ids=["causal", "window+alibi", "L<S", "empty", "relemb"])
+@pytest.mark.parametrize("pattern,score_mod,L,S", SUMMARY_CASES,
+                         ids=["causal", "window+alibi", "L<S", "empty", "relemb"])
 def test_blockwise_summary_equals_dense_summary(pattern, score_mod, L, S):
     q, k, v = _qkv(L=L, S=S)
     if score_mod is not None:

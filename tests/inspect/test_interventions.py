@@ -202,7 +202,9 @@ def test_gqa_and_gradients_through_edits():
         out = al.attention(q, k, v, al.Causal())
     ref = al.attention(q, k, v, al.Causal())
     assert torch.allclose(out, ref, atol=1e-12)
-    fn = lambda q, k, v: _with(lambda: al.attention(q, k, v, al.Causal()), AmplifyKeys([0], 2.0), Temperature(0.7))  # noqa: E731
+    def fn(q, k, v):
+        return _with(lambda: al.attention(q, k, v, al.Causal()), AmplifyKeys([0], 2.0), Temperature(0.7))
+
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 

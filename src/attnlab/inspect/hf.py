@@ -226,7 +226,8 @@ class AttnlabRoute:
 
     def __repr__(self) -> str:
         s = self.settings
-        what = f"operator={s.operator!r}" if s.operator is not None else f"pattern={s.pattern!r}, score_mod={s.score_mod!r}"
+        what = (f"operator={s.operator!r}" if s.operator is not None
+                else f"pattern={s.pattern!r}, score_mod={s.score_mod!r}")
         return f"AttnlabRoute({type(self.model).__name__}, {what}, backend={s.backend!r}, active={self.active})"
 
 
