@@ -180,10 +180,13 @@ def attention_weights(
 
 
 class Explanation(str):
-    """The text :func:`explain` returns; ``.backend`` is the backend that would run."""
+    """The text :func:`explain` returns; ``.backend`` is the backend that would run,
+    ``.reasons`` why each backend cannot run the problem (empty: it can) and ``.declined``
+    why automatic selection passes over a backend that could (it would be slower)."""
 
     backend: str | None
     reasons: dict[str, list[str]]
+    declined: dict[str, list[str]]
 
 
 def explain(
@@ -202,25 +205,26 @@ def explain(
     backend would not. Nothing is computed except the pattern's block layout."""
     problem = _problem(q, k, v, pattern, score_mod, scale, return_lse, options)
     try:
-        chosen, reasons = _select(problem, backend)
-        chosen_name = chosen.name
+        chosen_name = _select(problem, backend)[0].name
         header = f"backend: {chosen_name}"
     except BackendUnavailable as e:
-        chosen_name, reasons = None, {b.name: b.not_supported_reasons(problem) for b in all_backends().values()}
-        header = f"cannot run: {e}"
+        chosen_name, header = None, f"cannot run: {e}"
     lines = [header, f"problem: {problem.describe()}"]
+    reasons: dict[str, list[str]] = {}
+    declined: dict[str, list[str]] = {}
     for b in all_backends().values():
-        if b.name not in reasons:
-            reasons[b.name] = b.not_supported_reasons(problem) or (b.declines(problem) if backend == AUTO else [])
-    for name, why in reasons.items():
-        mark = "*" if name == chosen_name else " "
-        status = "can run" if not why else "; ".join(why)
-        lines.append(f" {mark} {name:<9} {status}")
+        reasons[b.name] = why = b.not_supported_reasons(problem)
+        declined[b.name] = [] if why or backend != AUTO else b.declines(problem)
+        mark = "*" if b.name == chosen_name else " "
+        status = "; ".join(why) if why else ("can run, passed over: " + "; ".join(declined[b.name])
+                                             if declined[b.name] else "can run")
+        lines.append(f" {mark} {b.name:<11} {status}")
     if chosen_name in ("tiled", "block_flash"):
         lines.append(_layout_summary(problem))
     text = Explanation("\n".join(lines))
     text.backend = chosen_name
     text.reasons = reasons
+    text.declined = declined
     return text
 
 

@@ -11,7 +11,7 @@ import attnlab as al
 from attnlab.backends.registry import all_backends
 from attnlab.testing import rel_error
 
-BACKENDS = ["sdpa", "flex", "tiled", "reference"]
+BACKENDS = ["sdpa", "flex", "block_flash", "tiled", "reference"]
 
 
 def make_qkv(B, Hq, Hkv, q_shape, kv_shape, D, Dv, dtype=torch.float64, seed=0, grad=True):
@@ -150,7 +150,7 @@ def test_explain_names_backend_and_every_reason(pattern, score_mod, kw):
             for reason in e.reasons[name]:
                 assert reason in e
     # the first backend (in priority order) with no reason is the one chosen
-    first = next(n for n in BACKENDS if not e.reasons[n])
+    first = next(n for n in BACKENDS if not e.reasons[n] and not e.declined[n])
     assert e.backend == first
     # and attention() runs exactly what explain says (same result as that backend forced)
     out = al.attention(q, k, v, pattern, score_mod, **kw)

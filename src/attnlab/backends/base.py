@@ -31,6 +31,7 @@ class Problem:
     scale: float
     return_lse: bool
     options: dict[str, Any] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)  # per call: what a support check computed for run()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,6 +72,11 @@ class Backend:
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         raise NotImplementedError
+
+    def declines(self, problem: Problem) -> list[str]:
+        """Why automatic selection passes over this backend although it could run the
+        problem (another one is faster there); a forced backend ignores these."""
+        return []
 
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError

@@ -7,6 +7,8 @@ import torch
 from ..patterns.base import Causal, Full
 from .base import Backend, Problem
 from .reference import DEFAULT_MAX_ELEMENTS, compute_dtype_for, reference_attention
+from .block_flash import block_flash_attention, cpu_flash_ops
+from .split_plan import DEFAULT_GATHER_ELEMENTS, SplitPlan, build_split_plan
 from .tiled import plan_work, tiled_attention
 from .tiled_plan import DEFAULT_CHUNK_ELEMENTS, cached_plan, default_tiles, tile_count_guard
 from ..patterns.layout import Tiling
@@ -72,6 +74,51 @@ class TiledBackend(Backend):
         )
 
 
+class BlockFlashBackend(TiledBackend):
+    """Whole tiles through PyTorch's fused CPU flash kernel, partial tiles tiled (CPU)."""
+
+    name = "block_flash"
+    options = ("q_tile", "kv_tile", "chunk_elements", "gather_elements", "compute_dtype")
+    min_whole_share = 0.5
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        why = []
+        if problem.device.type != "cpu":
+            why.append(f"block_flash: runs on CPU tensors (got {problem.device}); CUDA block sparsity runs on flex")
+        if cpu_flash_ops() is None:
+            why.append(f"block_flash: torch {torch.__version__} has no aten::_scaled_dot_product_flash_attention_for_cpu")
+        if problem.score_mod is not None:
+            why.append("block_flash: the flash kernel takes no score_mod")
+        if problem.return_lse:
+            why.append("block_flash: returns no differentiable log-sum-exp (return_lse=True)")
+        if why:
+            return why
+        return [w.replace("tiled:", "block_flash:", 1) for w in super().not_supported_reasons(problem)]
+
+    def declines(self, problem: Problem) -> list[str]:
+        plan = self.plan(problem)
+        total = plan.whole_pairs + plan.partial_pairs
+        if total and plan.whole_pairs < self.min_whole_share * total:
+            return [
+                f"block_flash: only {plan.whole_pairs} of the {total} touched tile pairs are whole "
+                f"(auto needs {self.min_whole_share:.0%}); the tiled backend's masked GEMMs do the rest better"
+            ]
+        return []
+
+    def plan(self, problem: Problem) -> SplitPlan:
+        if "split_plan" not in problem.memo:
+            tiling = self.tiling(problem)
+            chunk = problem.options.get("chunk_elements", DEFAULT_CHUNK_ELEMENTS)
+            gather = problem.options.get("gather_elements", DEFAULT_GATHER_ELEMENTS)
+            layout = problem.pattern.block_layout(tiling)
+            problem.memo["split_plan"] = build_split_plan(problem.pattern, tiling, layout, chunk, gather)
+        return problem.memo["split_plan"]
+
+    def run(self, problem: Problem):
+        cdt = compute_dtype_for(problem.dtype, problem.options.get("compute_dtype"))
+        return block_flash_attention(problem.q, problem.k, problem.v, self.plan(problem), problem.scale, cdt)
+
+
 class SDPABackend(Backend):
     """``torch.nn.functional.scaled_dot_product_attention`` for dense and causal problems."""
 
@@ -135,7 +182,7 @@ def _as_tile(value: object, ndim: int, name: str) -> tuple[int, ...]:
 
 def check_option_values(options: dict) -> None:
     """Raise ValueError naming the option for values of the wrong type or range."""
-    for name in ("chunk_elements", "max_elements"):
+    for name in ("chunk_elements", "gather_elements", "max_elements"):
         if name in options and not _positive_int(options[name]):
             raise ValueError(f"options[{name!r}] must be a positive int, got {options[name]!r}")
     for name in ("allow_cpu", "compile"):
@@ -153,8 +200,8 @@ def all_backends() -> dict[str, Backend]:
 
     return {
         b.name: b
-        for b in (SDPABackend(), FlexBackend(), TiledBackend(), ReferenceBackend())
+        for b in (SDPABackend(), FlexBackend(), BlockFlashBackend(), TiledBackend(), ReferenceBackend())
     }
 
 
-__all__ = ["all_backends", "check_option_values", "ReferenceBackend", "TiledBackend", "SDPABackend", "Backend", "Problem"]
+__all__ = ["all_backends", "check_option_values", "ReferenceBackend", "TiledBackend", "BlockFlashBackend", "SDPABackend", "Backend", "Problem"]

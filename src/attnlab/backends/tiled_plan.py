@@ -57,10 +57,13 @@ def build_plan(
     pattern: Pattern,
     tiling: Tiling,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    layout: BlockLayout | None = None,
 ) -> TiledPlan:
-    """Compute the layout of ``pattern`` on ``tiling`` and order it into chunks."""
+    """Order the layout of ``pattern`` on ``tiling`` (computed here unless given: a part of
+    it, e.g. only its partial tiles) into chunks; ``pattern`` still masks inside tiles."""
     g = tiling.geometry
-    layout: BlockLayout = pattern.block_layout(tiling)
+    if layout is None:
+        layout = pattern.block_layout(tiling)
     any_, full = layout.any, layout.full & tiling.kv_tile_complete
     Bb, Hb = any_.shape[0], any_.shape[1]
     if Bb not in (1, g.batch) or Hb not in (1, g.q_heads):

@@ -50,7 +50,7 @@ def routing_mechanisms() -> tuple:
     """The ``Mechanism`` rows (family ``"adaptive"``, kind ``"pattern"``)."""
     from ..registry import Mechanism, Paper
 
-    backends = ("tiled", "flex", "reference")  # the resolved masks are plain mask_mods for flex too
+    backends = ("block_flash", "tiled", "flex", "reference")  # the resolved masks are plain mask_mods for flex too
     nd = (1, 2, 3)
     return (
         Mechanism("kmeans_routing", "adaptive", "pattern",

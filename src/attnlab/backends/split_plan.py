@@ -1,0 +1,101 @@
+"""The plan of the block-flash backend: a pattern's tile layout split into whole and partial tiles.
+
+Whole tiles (every pair visible, no padding) need no mask, so each query tile's whole key
+tiles are gathered into one contiguous run and handed to PyTorch's fused CPU flash kernel;
+query tiles are grouped by how many whole tiles they have (one kernel call per group and
+memory chunk). The partial tiles, where the pattern's elementwise mask decides, form an
+ordinary :class:`~attnlab.backends.tiled_plan.TiledPlan` run by the tiled backend's masked
+GEMMs. Built from the layout alone, in time proportional to the number of tile pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..patterns.base import Pattern
+from ..patterns.layout import BlockLayout, Tiling
+from .tiled_plan import TiledPlan, build_plan
+
+DEFAULT_GATHER_ELEMENTS = 1 << 23
+
+
+@dataclass
+class WholeTileCall:
+    """One flash-kernel call: ``rows`` index the query tiles ``q_t.view(-1, M, D)``, and
+    ``kv_index`` the rows of ``k_flat.view(-1, unit * D)`` that make up their keys, ``(n, c * Tk / unit)``."""
+
+    rows: torch.Tensor
+    kv_index: torch.Tensor
+
+
+@dataclass
+class SplitPlan:
+    tiling: Tiling
+    fold_heads: bool
+    unit: int  # key tokens per gathered row: a whole tile when tiles are aligned in memory, else 1
+    calls: list[WholeTileCall]
+    partial: TiledPlan | None  # the partial tiles, masked by the pattern; None when there are none
+    whole_pairs: int  # tile pairs computed by the flash kernel
+    partial_pairs: int
+
+
+def whole_tiles(layout: BlockLayout, tiling: Tiling) -> torch.Tensor:
+    """``(Bb, Hb, nQt, nKt)``: the tile pairs that are touched, fully visible and unpadded."""
+    return layout.any & layout.full & tiling.kv_tile_complete
+
+
+def build_split_plan(pattern: Pattern, tiling: Tiling, layout: BlockLayout, chunk_elements: int,
+                     gather_elements: int = DEFAULT_GATHER_ELEMENTS) -> SplitPlan:
+    """Split ``layout`` (``pattern`` on ``tiling``) into flash-kernel calls over whole tiles and
+    a tiled plan over the rest; each call gathers at most about ``gather_elements`` key and
+    value elements."""
+    g = tiling.geometry
+    whole = whole_tiles(layout, tiling)
+    partial = layout.any & ~whole
+    Bb, Hb, nq, nk = layout.any.shape
+    fold = Hb == 1
+    hx = g.kv_heads if fold else g.q_heads
+    whole_rows = torch.broadcast_to(whole, (g.batch, hx, nq, nk)).reshape(-1, nk)
+    # key-tile row of (b, hx, tile) in the kv heads' flat tile numbering
+    b = torch.arange(g.batch, device=whole.device).view(-1, 1)
+    h = torch.arange(hx, device=whole.device).view(1, -1)
+    hkv = h if fold else h // g.group_size
+    head_base = ((b * g.kv_heads + hkv) * nk).repeat_interleave(nq, dim=1).reshape(-1)
+    Tk = tiling.kv_tile_size
+    aligned = g.ndim == 1 and g.kv_len % Tk == 0
+    unit = Tk if aligned else 1
+    M = (g.group_size if fold else 1) * tiling.q_tile_size
+    per_row = M * (g.head_dim + g.value_dim)
+    counts = whole_rows.sum(1)
+    calls = []
+    for c in torch.unique(counts).tolist():
+        if c == 0:
+            continue
+        rows = torch.nonzero(counts == c).view(-1)
+        tiles = torch.nonzero(whole_rows[rows])[:, 1].view(-1, c) + head_base[rows, None]
+        if aligned:
+            kv_index = tiles
+        else:
+            kv_index = _token_rows(tiles, tiling, nk)
+        n = max(1, gather_elements // (c * Tk * (g.head_dim + g.value_dim) + per_row))
+        for lo in range(0, rows.numel(), n):
+            calls.append(WholeTileCall(rows[lo:lo + n], kv_index[lo:lo + n]))
+    n_partial = int(partial.sum())
+    part_plan = None
+    if n_partial:
+        part_plan = build_plan(pattern, tiling, chunk_elements,
+                               BlockLayout(partial, torch.zeros_like(partial)))
+    return SplitPlan(tiling, fold, unit, calls, part_plan, int(whole_rows.sum()), n_partial)
+
+
+def _token_rows(tiles: torch.Tensor, tiling: Tiling, nk: int) -> torch.Tensor:
+    """Flat key-token rows ``(n, c * Tk)`` of the tiles numbered ``head * nk + tile``."""
+    S = tiling.geometry.kv_len
+    head, tile = tiles // nk, tiles % nk
+    tok = tiling.kv_token_index[tile]  # (n, c, Tk); whole tiles hold no padding
+    return (head[..., None] * S + tok).reshape(tiles.shape[0], -1)
+
+
+__all__ = ["SplitPlan", "WholeTileCall", "build_split_plan", "whole_tiles", "DEFAULT_GATHER_ELEMENTS"]
