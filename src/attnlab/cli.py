@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Benchmark every registered mechanism against its peers (efficiency) and "
                         "train small models with them (quality); results go to OUT/results.jsonl and "
                         "OUT/report.html. The default is a quick first look (about 5 minutes on 2 CPU cores).")
-    pb.add_argument("--suite", default="all", choices=["efficiency", "quality", "all"])
+    pb.add_argument("--suite", default="all", choices=["efficiency", "quality", "fidelity", "all"],
+                    help="fidelity: every pattern and approximation run training-free in all-MiniLM-L6-v2 "
+                         "(sentence-embedding cosine and attention-mass recall against dense)")
     pb.add_argument("--full", action="store_true",
                     help="all four CAB patterns, lengths 256..16384, every peer, the full quality preset "
                     "(an hour or more on a laptop CPU; narrow it with --mechanisms/--lengths)")

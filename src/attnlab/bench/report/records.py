@@ -36,6 +36,7 @@ BASELINES: tuple[str, ...] = (DENSE, FAST)
 BASELINE_SHORT = {DENSE: "dense", FAST: "flash"}  # in column names: t/dense, t/flash
 EFFICIENCY = "efficiency"
 QUALITY = "quality"
+FIDELITY = "fidelity"
 PATTERNS: tuple[str, ...] = ("noncausal-self", "causal-self", "noncausal-cross", "causal-cross")
 HIGH_SPREAD = 0.25  # timings whose (max-min)/median over the repeats exceeds this are flagged
 
@@ -156,6 +157,7 @@ class _Qual:
 class _Data:
     eff: list[_Eff] = field(default_factory=list)
     qual: list[_Qual] = field(default_factory=list)
+    fidelity: list[dict[str, Any]] = field(default_factory=list)  # rows of bench.fidelity_suite
     records: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -245,6 +247,8 @@ def _parse(records: Iterable[Mapping[str, Any]]) -> _Data:
                     time=when,
                 )
             )
+        elif suite == FIDELITY and isinstance(result.get("rows"), list):
+            data.fidelity.extend(r for r in result["rows"] if isinstance(r, Mapping) and "status" in r)
         else:
             skipped[f"suite {suite!r}" if suite else "unknown suite"] += 1
     for why, n in skipped.items():

@@ -94,8 +94,8 @@ def summary_table(records: Iterable[Mapping[str, Any]]) -> str:
     )
     if head_env:
         out.append(head_env)
-    if not data.eff and not data.qual:
-        out.append("no efficiency or quality records")
+    if not data.eff and not data.qual and not data.fidelity:
+        out.append("no efficiency, quality or fidelity records")
     for sec in sections:
         out += _efficiency_lines(sec, xo)
     if data.eff:
@@ -103,6 +103,11 @@ def summary_table(records: Iterable[Mapping[str, Any]]) -> str:
             "  " + ln for ln in _peer_lines(data)
         ]
     out += _quality_lines(_aggregate_quality(data.qual))
+    if data.fidelity:
+        from ..fidelity_suite import format_table
+
+        out += ["", "Fidelity: training-free in all-MiniLM-L6-v2, against dense attention",
+                format_table(data.fidelity).rstrip()]
     if data.notes:
         out += [""] + [f"note: {n}" for n in data.notes]
     return "\n".join(out).rstrip() + "\n"
