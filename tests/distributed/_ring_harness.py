@@ -29,9 +29,11 @@ def _entry(rank, world, store, fn, args, out):
         # the others may still be reading this rank's sends: leave the group together
         dist.barrier()
         dist.destroy_process_group()
-    except BaseException:
+    except BaseException:  # also after its result, when leaving the group fails: the first wins
         out.put((rank, "error", traceback.format_exc()))
     finally:
+        out.close()
+        out.join_thread()  # flush the queue's feeder thread before the hard exit
         os._exit(0)
 
 
@@ -54,12 +56,14 @@ def run_world(world: int, fn, *args, deadline_s: float = 120.0) -> dict[int, tup
                 break
             try:
                 rank, status, value = out.get(timeout=min(left, 1.0))
-                results[rank] = (status, value)
+                results.setdefault(rank, (status, value))  # a rank's result, not its exit
             except queue.Empty:
                 if all(not p.is_alive() for p in procs) and out.empty():
                     break
+        # results are in: give the ranks a moment to leave the group, then stop them
+        grace = datetime.datetime.now() + datetime.timedelta(seconds=3)
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.05, (grace - datetime.datetime.now()).total_seconds()))
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
