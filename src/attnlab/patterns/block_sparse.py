@@ -70,6 +70,13 @@ class BlockSparse(Pattern):
             self._cache[device] = (lay, prefix)
         return self._cache[device]
 
+    def preferred_tile(self, geometry: Geometry):
+        """Tiles equal to the blocks (when they are at least 16 tokens): a kept block is then one
+        whole tile, which the tiled and block-flash backends compute without a mask."""
+        if min(self.block_q, self.block_kv) >= 16:
+            return (self.block_q,), (self.block_kv,)
+        return None
+
     def validate(self, geometry: Geometry) -> None:
         super().validate(geometry)
         want = (
