@@ -107,13 +107,18 @@ def ring_linear_attention(
               chunk_size=chunk_size, position_offset=r * n)
     _, own = linear_attention(q, k, v, causal=causal, return_state=True, **kw)
     Fd = own.S.shape[-2]
-    a_S = _carry(decay if causal else None, gate if causal else None, g.batch, g.q_heads, n, Fd,
-                      own.S)
-    S_all = all_gather_stack(own.S, info, "the other ranks' linear-attention states")
-    z_all = all_gather_stack(own.z, info, "the other ranks' normalisers") if normalize else None
+    a_S = _carry(decay if causal else None, gate if causal else None, g.batch, g.q_heads, n, Fd, own.S)
+    # one packed gather (and so one all-reduce in backward, whatever order autograd runs in)
+    parts = [own.S] + ([own.z] if normalize else [])
     if causal:
-        A_all = all_gather_stack(a_S.expand(own.S.shape[0], -1, a_S.shape[2], -1).contiguous(), info,
-                                 "the other ranks' state decays")
+        parts.append(a_S.expand(own.S.shape[0], -1, a_S.shape[2], -1))
+    packed = all_gather_stack(torch.cat([p.reshape(-1) for p in parts]), info,
+                              "the other ranks' linear-attention states")
+    pieces = list(packed.split([p.numel() for p in parts], dim=1))
+    S_all = pieces.pop(0).reshape(W, *own.S.shape)
+    z_all = pieces.pop(0).reshape(W, *own.z.shape) if normalize else None
+    if causal:
+        A_all = pieces.pop(0).reshape(W, own.S.shape[0], *a_S.shape[1:])
         S_in, z_in = torch.zeros_like(own.S), None if z_all is None else torch.zeros_like(own.z)
         states = []
         for j in range(W):
