@@ -7,7 +7,6 @@ import functools
 import operator
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..nn.multihead import MultiheadAttention
