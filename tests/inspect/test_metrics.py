@@ -171,3 +171,13 @@ def test_argument_errors():
         cross_layer_similarity([p, p[..., :1, :, :]])
     with pytest.raises(ValueError, match="lacks"):
         head_entropy({"entropy": torch.zeros(1, 1, 2)})
+
+
+def test_metrics_are_exported_from_attnlab_inspect():
+    import attnlab.inspect as inspect_pkg
+    from attnlab.inspect import importance, metrics_retrieval, metrics_sinks, rollout
+
+    for module in (importance, metrics_retrieval, metrics_sinks, rollout):
+        for name in module.__all__:
+            assert getattr(inspect_pkg, name) is getattr(module, name), name
+    assert inspect_pkg.head_entropy is head_entropy and "head_entropy" in inspect_pkg.__all__

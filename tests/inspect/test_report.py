@@ -67,7 +67,7 @@ def test_summary_capture_gives_the_same_metrics(dense, tmp_path):
     result, _ = dense
     summ = run_inspect(InspectOptions(text=TEXT, out=tmp_path, layers=[1, 4], heads=[0, 5, 11], plots=False,
                                       importance=False, summary=True))
-    for a, b in zip(result.rows, summ.rows):
+    for a, b in zip(result.rows, summ.rows, strict=True):
         for key in ("entropy", "entropy_norm", "distance", "max_prob", "sink_first", "secondary_sink"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6)
     assert "importance_mask" not in summ.rows[0]

@@ -16,7 +16,8 @@ a local ``transformers`` model directory) on one text (batch of 1, no padding):
   (:mod:`attnlab.inspect.importance`);
 - per layer: the mean attention each token receives (sinks), massive activations of the
   hidden states (:func:`attnlab.inspect.massive_activations`);
-- across layers: the cosine similarity of the head-averaged maps and the attention rollout.
+- across layers: the cosine similarity of the head-averaged maps and the attention rollout
+  (over every layer, the maps averaged over the selected heads).
 
 Head importance needs a loss and an encoder has none, so it uses the sentence embedding
 ``e(xi)`` (the mean-pooled last hidden state, as sentence-transformers pools) under head
@@ -249,7 +250,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         body.append(cells)
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) if i < len(cells) - has_token else c.ljust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+                                   for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     return "\n".join(line(c).rstrip() for c in [headers, ["-" * w for w in widths]] + body)
 
 
@@ -320,7 +321,7 @@ def _write_plots(data: dict, out: Path) -> dict[str, Path]:
     return files
 
 
-def _write_page(data: dict, table: str, files: dict[str, Path], out: Path) -> Path:
+def _write_page(data: dict, files: dict[str, Path], out: Path) -> Path:
     rows = data["rows"]
     cols = list(rows[0]) if rows else []
     metrics = [table_html(cols, [[r[c] for c in cols] for r in rows], caption="per-head metrics")]
@@ -358,5 +359,5 @@ def run_inspect(opts: InspectOptions) -> InspectResult:
     elif opts.plots:
         notes.append("matplotlib is not installed: no plots (pip install matplotlib)")
     files.update(plot_files)
-    files["html"] = _write_page(data, table, plot_files, out)
+    files["html"] = _write_page(data, plot_files, out)
     return InspectResult(data["rows"], table, files, data["tokens"], notes, data)
