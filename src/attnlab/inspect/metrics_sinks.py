@@ -76,8 +76,8 @@ def sink_score(probs: torch.Tensor | Mapping, keys: int | Sequence[int] | torch.
 
 def secondary_sinks(probs: torch.Tensor | Mapping, k: int = 1, *, exclude: int | Sequence[int] = 0,
                     query_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` keys other than ``exclude`` (default the first token, the primary sink) that
-    receive the most attention, per head (summary).
+    """The ``k`` keys other than ``exclude`` (default the first token, the primary sink; ``[]``
+    excludes nothing) that receive the most attention, per head (summary).
 
     Returns:
         ``(scores, indices)``, both ``(..., H, k)``, best first: ``scores`` the mean
@@ -88,8 +88,9 @@ def secondary_sinks(probs: torch.Tensor | Mapping, k: int = 1, *, exclude: int |
         raise ValueError(f"k={k!r}, expected an int >= 1")
     a = key_attention(probs, query_mask=query_mask)
     S = a.shape[-1]
-    skip = _key_selector(exclude, S).to(a.device) if not (isinstance(exclude, Sequence) and not exclude) \
-        else torch.zeros(S, dtype=torch.bool, device=a.device)
+    no_exclusion = isinstance(exclude, Sequence) and len(exclude) == 0
+    skip = torch.zeros(S, dtype=torch.bool) if no_exclusion else _key_selector(exclude, S)
+    skip = skip.to(a.device)
     n = S - int(skip.sum())
     if k > n:
         raise ValueError(f"k={k} but only {n} keys remain after excluding {exclude!r} (S={S})")
