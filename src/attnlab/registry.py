@@ -208,6 +208,17 @@ MECHANISMS: tuple[Mechanism, ...] = (
               (Paper("Lean Attention: Hardware-Aware Scalable Attention Mechanism for the Decode-Phase of Transformers", 2024),),
               True, True, True, _ALL_ND, (), lambda s, h: (None, None),
               "exact merge of split-KV partial attentions by log-sum-exp"),
+    Mechanism("ring_attention", "distributed", "function",
+              (Paper("Sequence Parallelism: Long Sequence Training from System Perspective", 2021),
+               Paper("Ring Attention with Blockwise Transformers for Near-Infinite Context", 2023)),
+              True, True, True, (1,), ("tiled",), lambda s, h: (None, None),
+              "context-parallel exact attention on torch.distributed (attnlab.distributed.ring_attention): "
+              "pattern-aware key/value ring, zigzag causal balancing, exact backward from the global lse"),
+    Mechanism("ring_linear_attention", "distributed", "function",
+              (Paper("Sequence Parallelism: Long Sequence Training from System Perspective", 2021),),
+              True, True, True, (1,), (), lambda s, h: (None, None),
+              "linear attention over sharded sequences: each rank's recurrent state passed along the ranks "
+              "(attnlab.distributed.ring_linear_attention), equal to the single-process chunked form"),
 )
 
 
