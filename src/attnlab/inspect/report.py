@@ -295,7 +295,7 @@ def _write_plots(data: dict, out: Path) -> dict[str, Path]:
     mean_ka = ka.mean(0)
     top = [int(i) for i in torch.topk(mean_ka, min(2, len(tokens))).indices]
     files["sinks"] = _plots.plot_bars(mean_ka, [f"{t}@{i}" for i, t in enumerate(tokens)], out / "sinks.png",
-                                      title="attention received per token (mean over layers and heads)",
+                                      title="attention received per token (mean over the selected layers and heads)",
                                       ylabel="mean attention", highlight=top)
     if "importance_mask" in data["rows"][0]:
         ranked = sorted(data["rows"], key=lambda r: -r["importance_mask"])[:24]
