@@ -343,7 +343,40 @@ def _hybrids_and_variants() -> tuple[Mechanism, ...]:
     return hybrid_mechanisms() + variant_mechanisms()
 
 
-MECHANISMS = MECHANISMS + _operators() + _adaptive() + _hybrids_and_variants()
+def _inspection() -> tuple[Mechanism, ...]:
+    """Section E: the analysis functions and interventions of :mod:`attnlab.inspect`."""
+    rows = (
+        ("head_mask", ("Are Sixteen Heads Really Better than One?", 2019),
+         "scale chosen heads' maps; a float mask gives head importance by gradient (inspect.HeadMask)"),
+        ("sink_calibration", ("Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language "
+                              "Models without Training through Attention Calibration", 2024),
+         "ACT: scale the mass on detected sinks and give it back to the other keys (inspect.SinkCalibration)"),
+        ("redistribute_sink_mass", ("See What You Are Told: Visual Attention Sink in Large Multimodal Models", 2025),
+         "VAR: move a share of the sink mass to target keys (inspect.RedistributeSinkMass)"),
+        ("amplify_keys", ("Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large "
+                          "Vision-Language Model", 2025),
+         "head-wise gain on chosen keys, renormalised (inspect.AmplifyKeys)"),
+        ("flatten", ("HICD: Hallucination-Inducing via Attention Dispersion for Contrastive Decoding to "
+                     "Mitigate Hallucinations in Large Language Models", 2025),
+         "mix the map toward uniform over the visible keys (inspect.Flatten)"),
+        ("toward_identity", ("Fine-Grained Perturbation Guidance via Attention Head Selection", 2025),
+         "SoftPAG: (1 - a) P + a I (inspect.TowardIdentity)"),
+        ("attention_sinks", ("On the Existence and Behaviour of Secondary Attention Sinks", 2025),
+         "first-token and secondary sink scores per head (inspect.sink_score, secondary_sinks)"),
+        ("massive_activations", ("Massive Activations in Large Language Models", 2024),
+         "hidden-state entries above 100 and 1000x the median (inspect.massive_activations)"),
+        ("retrieval_heads", ("Retrieval Head Mechanistically Explains Long-Context Factuality", 2024),
+         "share of copy steps whose top attention is the copied token (inspect.retrieval_score)"),
+        ("head_importance", ("Are Sixteen Heads Really Better than One?", 2019),
+         "head importance by masking and by the gradient of a head gate (inspect.head_importance_by_*)"),
+        ("attention_rollout", ("Quantifying Attention Flow in Transformers", 2020),
+         "residual-aware product of head-fused maps over layers (inspect.attention_rollout)"),
+    )
+    return tuple(Mechanism(name, "inspect", "function", (Paper(*paper),), True, True, True, _ALL_ND, (),
+                           _no_example, summary) for name, paper, summary in rows)
+
+
+MECHANISMS = MECHANISMS + _operators() + _adaptive() + _hybrids_and_variants() + _inspection()
 
 
 def _divisor(n: int) -> int:
