@@ -144,7 +144,8 @@ def head_max_prob(probs: torch.Tensor | Mapping, *, query_mask: torch.Tensor | N
     return query_mean(probs.amax(-1), row_weights(probs.sum(-1), qm))
 
 
-def _stack(maps: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+def stack_maps(maps: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-layer maps as one checked ``(layers, ..., H, L, S)`` tensor (a tensor or a list)."""
     if isinstance(maps, torch.Tensor):
         stack = maps
     elif isinstance(maps, Sequence) and maps and all(isinstance(m, torch.Tensor) for m in maps):
@@ -181,7 +182,7 @@ def cross_layer_similarity(maps: torch.Tensor | Sequence[torch.Tensor], *, measu
         raise ValueError(f"measure={measure!r}, expected 'cosine' or 'jsd'")
     if not isinstance(per_head, bool):
         raise TypeError(f"per_head={per_head!r}, expected a bool")
-    stack = _stack(maps)
+    stack = stack_maps(maps)
     if not per_head:
         stack = stack.mean(-3, keepdim=True)
     x = stack.movedim(0, -3)  # (..., H', layers, L, S)

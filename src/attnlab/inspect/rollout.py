@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .metrics_checks import check_probs
+from .metrics import stack_maps
 
 __all__ = ["attention_rollout", "fuse_heads"]
 
@@ -52,16 +52,7 @@ def attention_rollout(maps: torch.Tensor | Sequence[torch.Tensor], *, residual: 
         ``return_all`` (entry ``l`` after layer ``l``; the identity before ``start_layer``).
         Rows sum to 1. Identity maps roll out to the identity at any ``residual``.
     """
-    if isinstance(maps, torch.Tensor):
-        stack = maps
-    elif isinstance(maps, Sequence) and maps and all(isinstance(m, torch.Tensor) for m in maps):
-        shapes = {tuple(m.shape) for m in maps}
-        if len(shapes) > 1:
-            raise ValueError(f"maps have different shapes {sorted(shapes)}, expected one shape for every layer")
-        stack = torch.stack(list(maps))
-    else:
-        raise TypeError(f"maps={type(maps).__name__}, expected a tensor (layers, ..., H, L, L) or a non-empty list")
-    stack = check_probs(stack, "maps", min_dims=4)
+    stack = stack_maps(maps)
     L, S = stack.shape[-2:]
     if L != S:
         raise ValueError(f"maps have L={L} queries and S={S} keys, expected self-attention (L == S) for rollout")
