@@ -127,3 +127,13 @@ def test_two_dimensional_neighborhood():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 9, 11, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
     compare(q, k, v, al.Neighborhood(kernel_size=(5, 5)), {"q_tile": (3, 4), "kv_tile": (1, 11)})
+
+
+def test_static_patterns_reuse_their_split_plan():
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 16)
+    pattern = al.SlidingWindow(left=100, right=0)
+    first = BlockFlashBackend().plan(_problem(q, k, v, pattern, None, None, False, None))
+    again = BlockFlashBackend().plan(_problem(q, k, v, al.SlidingWindow(left=100, right=0), None, None, False, None))
+    assert again is first
+    other = BlockFlashBackend().plan(_problem(q, k, v, al.SlidingWindow(left=99, right=0), None, None, False, None))
+    assert other is not first

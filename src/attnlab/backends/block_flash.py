@@ -47,7 +47,9 @@ def _partial_work(plan: SplitPlan, dtype: torch.dtype):
     softmax (the whole tiles hold the rest), so backward recomputes ``exp(S - lse)``."""
     if plan.partial is None:
         return []
-    return [(ci, bias, first, False) for ci, bias, first, _ in plan_work(plan.partial, dtype)]
+    if dtype not in plan.partial_work:
+        plan.partial_work[dtype] = [(ci, bias, first, False) for ci, bias, first, _ in plan_work(plan.partial, dtype)]
+    return plan.partial_work[dtype]
 
 
 def block_flash_forward(q_t, k_flat, v_flat, plan: SplitPlan, work, scale: float):

@@ -8,7 +8,7 @@ from ..patterns.base import Causal, Full
 from .base import Backend, Problem
 from .reference import DEFAULT_MAX_ELEMENTS, compute_dtype_for, reference_attention
 from .block_flash import block_flash_attention, cpu_flash_ops
-from .split_plan import DEFAULT_GATHER_ELEMENTS, SplitPlan, build_split_plan
+from .split_plan import DEFAULT_GATHER_ELEMENTS, SplitPlan, cached_split_plan
 from .tiled import plan_work, tiled_attention
 from .tiled_plan import DEFAULT_CHUNK_ELEMENTS, cached_plan, default_tiles, tile_count_guard
 from ..patterns.layout import Tiling
@@ -110,8 +110,7 @@ class BlockFlashBackend(TiledBackend):
             tiling = self.tiling(problem)
             chunk = problem.options.get("chunk_elements", DEFAULT_CHUNK_ELEMENTS)
             gather = problem.options.get("gather_elements", DEFAULT_GATHER_ELEMENTS)
-            layout = problem.pattern.block_layout(tiling)
-            problem.memo["split_plan"] = build_split_plan(problem.pattern, tiling, layout, chunk, gather)
+            problem.memo["split_plan"] = cached_split_plan(problem.pattern, tiling, chunk, gather)
         return problem.memo["split_plan"]
 
     def run(self, problem: Problem):

@@ -10,7 +10,8 @@ GEMMs. Built from the layout alone, in time proportional to the number of tile p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +40,7 @@ class SplitPlan:
     partial: TiledPlan | None  # the partial tiles, masked by the pattern; None when there are none
     whole_pairs: int  # tile pairs computed by the flash kernel
     partial_pairs: int
+    partial_work: dict = field(default_factory=dict)  # dtype -> the partial plan's work list, built once
 
 
 def whole_tiles(layout: BlockLayout, tiling: Tiling) -> torch.Tensor:
@@ -98,4 +100,26 @@ def _token_rows(tiles: torch.Tensor, tiling: Tiling, nk: int) -> torch.Tensor:
     return (head[..., None] * S + tok).reshape(tiles.shape[0], -1)
 
 
-__all__ = ["SplitPlan", "WholeTileCall", "build_split_plan", "whole_tiles", "DEFAULT_GATHER_ELEMENTS"]
+_SPLIT_CACHE: "OrderedDict[tuple, SplitPlan]" = OrderedDict()
+SPLIT_CACHE_SIZE = 8
+
+
+def cached_split_plan(pattern: Pattern, tiling: Tiling, chunk_elements: int, gather_elements: int) -> SplitPlan:
+    """:func:`build_split_plan`, reused across calls for patterns with a
+    :meth:`~attnlab.Pattern.cache_key` (least-recently-used, ``SPLIT_CACHE_SIZE`` entries)."""
+    key = pattern.cache_key()
+    if key is not None:
+        key = (key, tiling.geometry, tiling.q_tile, tiling.kv_tile, chunk_elements, gather_elements)
+        hit = _SPLIT_CACHE.get(key)
+        if hit is not None:
+            _SPLIT_CACHE.move_to_end(key)
+            return hit
+    plan = build_split_plan(pattern, tiling, pattern.block_layout(tiling), chunk_elements, gather_elements)
+    if key is not None:
+        _SPLIT_CACHE[key] = plan
+        while len(_SPLIT_CACHE) > SPLIT_CACHE_SIZE:
+            _SPLIT_CACHE.popitem(last=False)
+    return plan
+
+
+__all__ = ["cached_split_plan", "SplitPlan", "WholeTileCall", "build_split_plan", "whole_tiles", "DEFAULT_GATHER_ELEMENTS"]
