@@ -95,7 +95,7 @@ def test_split_covers_every_touched_tile_once():
 
 def test_auto_selection_prefers_it_only_for_mostly_whole_layouts():
     q, k, v = make_qkv(1, 2, 2, 1024, 1024, 16)
-    mostly_whole = al.TopKBlocks(8, 64) & al.Causal()
+    mostly_whole = al.TopKBlocks(8, 64)
     assert al.explain(q, k, v, pattern=mostly_whole).backend == "block_flash"
     thin = al.SlidingWindow(left=4, right=4)
     text = al.explain(q, k, v, pattern=thin)
