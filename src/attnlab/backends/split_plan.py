@@ -17,7 +17,7 @@ import torch
 
 from ..patterns.base import Pattern
 from ..patterns.layout import BlockLayout, Tiling
-from .tiled_plan import TiledPlan, build_plan
+from .tiled_plan import TiledPlan, build_plan, pattern_cached
 
 DEFAULT_GATHER_ELEMENTS = 1 << 23
 
@@ -101,25 +101,14 @@ def _token_rows(tiles: torch.Tensor, tiling: Tiling, nk: int) -> torch.Tensor:
 
 
 _SPLIT_CACHE: "OrderedDict[tuple, SplitPlan]" = OrderedDict()
-SPLIT_CACHE_SIZE = 8
 
 
 def cached_split_plan(pattern: Pattern, tiling: Tiling, chunk_elements: int, gather_elements: int) -> SplitPlan:
     """:func:`build_split_plan`, reused across calls for patterns with a
-    :meth:`~attnlab.Pattern.cache_key` (least-recently-used, ``SPLIT_CACHE_SIZE`` entries)."""
-    key = pattern.cache_key()
-    if key is not None:
-        key = (key, tiling.geometry, tiling.q_tile, tiling.kv_tile, chunk_elements, gather_elements)
-        hit = _SPLIT_CACHE.get(key)
-        if hit is not None:
-            _SPLIT_CACHE.move_to_end(key)
-            return hit
-    plan = build_split_plan(pattern, tiling, pattern.block_layout(tiling), chunk_elements, gather_elements)
-    if key is not None:
-        _SPLIT_CACHE[key] = plan
-        while len(_SPLIT_CACHE) > SPLIT_CACHE_SIZE:
-            _SPLIT_CACHE.popitem(last=False)
-    return plan
+    :meth:`~attnlab.Pattern.cache_key` (least-recently-used, as the tiled plans)."""
+    return pattern_cached(_SPLIT_CACHE, pattern, tiling, (chunk_elements, gather_elements),
+                          lambda: build_split_plan(pattern, tiling, pattern.block_layout(tiling),
+                                                   chunk_elements, gather_elements))
 
 
 __all__ = ["cached_split_plan", "SplitPlan", "WholeTileCall", "build_split_plan", "whole_tiles", "DEFAULT_GATHER_ELEMENTS"]

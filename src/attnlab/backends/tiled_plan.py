@@ -132,24 +132,33 @@ _PLAN_CACHE: "OrderedDict[tuple, tuple[TiledPlan, list]]" = OrderedDict()
 PLAN_CACHE_SIZE = 8
 
 
+def pattern_cached(cache: OrderedDict, pattern: Pattern, tiling: Tiling, extra: tuple, build, size: int = PLAN_CACHE_SIZE):
+    """``build()``, reused across calls when ``pattern`` has a :meth:`~attnlab.Pattern.cache_key`:
+    ``cache`` keeps the ``size`` most recently used entries, keyed by the pattern, the tiling and
+    ``extra``."""
+    key = pattern.cache_key()
+    if key is None:
+        return build()
+    key = (key, tiling.geometry, tiling.q_tile, tiling.kv_tile) + extra
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+        return hit
+    cache[key] = entry = build()
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return entry
+
+
 def cached_plan(pattern: Pattern, tiling: Tiling, chunk_elements: int, dtype: torch.dtype, make_work):
     """``(plan, work)`` for this pattern and tiling, reused across calls when the pattern
     has a :meth:`~attnlab.Pattern.cache_key` (least-recently-used, ``PLAN_CACHE_SIZE``
     entries): a model whose layers share shapes and pattern builds its masks once."""
-    key = pattern.cache_key()
-    if key is not None:
-        key = (key, tiling.geometry, tiling.q_tile, tiling.kv_tile, chunk_elements, dtype)
-        hit = _PLAN_CACHE.get(key)
-        if hit is not None:
-            _PLAN_CACHE.move_to_end(key)
-            return hit
-    plan = build_plan(pattern, tiling, chunk_elements)
-    entry = (plan, make_work(plan, dtype))
-    if key is not None:
-        _PLAN_CACHE[key] = entry
-        while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    return entry
+    def build():
+        plan = build_plan(pattern, tiling, chunk_elements)
+        return plan, make_work(plan, dtype)
+
+    return pattern_cached(_PLAN_CACHE, pattern, tiling, (chunk_elements, dtype), build)
 
 
 def clear_plan_cache() -> None:
