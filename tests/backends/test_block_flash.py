@@ -1,7 +1,7 @@
 """The block-flash backend against the reference backend: outputs and gradients of q, k, v.
 
-Whole tiles run on PyTorch's CPU flash kernel, partial tiles on the tiled backend's masked
-GEMMs; the two merge by log-sum-exp, and backward evaluates each part with the global
+Whole tiles run on a flash kernel (every test runs twice: on attnlab's native kernel and on
+PyTorch's CPU flash kernel), partial tiles on the tiled backend's masked GEMMs; the two merge by log-sum-exp, and backward evaluates each part with the global
 output and lse. Compared in float64 (1e-10) on shapes that are not multiples of the tiles,
 with GQA, with rows that see no key, and with layouts per head and shared by all heads.
 """
@@ -14,12 +14,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnlab as al
+from attnlab.backends import block_flash
 from attnlab.backends.block_flash import cpu_flash_ops
+from attnlab.backends.native import block_flash_kernel
 from attnlab.backends.registry import BlockFlashBackend
 from attnlab.api import _problem
 from attnlab.testing import rel_error
 
 pytestmark = pytest.mark.skipif(cpu_flash_ops() is None, reason="this torch has no CPU flash kernel")
+
+
+@pytest.fixture(autouse=True, params=["native", "aten"])
+def whole_tile_kernel(request, monkeypatch):
+    """Runs each test with the whole tiles on the native kernel, then on PyTorch's."""
+    if request.param == "native":
+        if block_flash_kernel() is None:
+            pytest.skip("the native kernel did not build here")
+    else:
+        monkeypatch.setattr(block_flash, "native_kernel_for", lambda dtype: None)
+    return request.param
 
 
 def make_qkv(B, Hq, Hkv, L, S, D, dtype=torch.float64, seed=0):

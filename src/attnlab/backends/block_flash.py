@@ -1,10 +1,17 @@
-"""The block-flash backend: block-sparse attention on PyTorch's fused CPU flash kernel.
+"""The block-flash backend: block-sparse attention on a fused CPU flash kernel.
 
-For each query tile, the key tiles its pattern sees *whole* are gathered into one contiguous
-run and attended with ``aten::_scaled_dot_product_flash_attention_for_cpu`` (the kernel
-behind CPU SDPA: blocked online softmax, no logits in memory, parallel over rows), query
-tiles with equally many whole tiles sharing one call. The partial tiles run on the tiled
-backend's masked GEMMs. The two partial results merge exactly by log-sum-exp.
+For each query tile, the key tiles its pattern sees *whole* are attended by a flash kernel
+(blocked online softmax, no logits in memory, parallel over query tiles). Two kernels do it:
+
+- attnlab's own (:mod:`attnlab.backends.native`, compiled on first use) takes the list of
+  whole key tiles of every query tile at once and keeps 64-query tiles at the speed of a
+  long dense sequence; used for float32 and float64 when it builds;
+- otherwise ``aten::_scaled_dot_product_flash_attention_for_cpu`` (the kernel behind CPU
+  SDPA), on each query tile's whole tiles gathered into one contiguous run, query tiles with
+  equally many whole tiles sharing one call.
+
+The partial tiles run on the tiled backend's masked GEMMs. The two partial results merge
+exactly by log-sum-exp.
 
 Backward is exact in the same split, as in ring attention: each part's gradient is the
 flash (or tiled) backward of that part evaluated with the *global* output and log-sum-exp,
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from .native import block_flash_kernel
+from .native_plan import NativeLists, build_native_lists
 from .split_plan import SplitPlan
 from .tiled import _merge_two, flat_kv, from_tiles, plan_work, tiled_backward, tiled_forward, to_tiles
 
@@ -52,40 +61,71 @@ def _partial_work(plan: SplitPlan, dtype: torch.dtype):
     return plan.partial_work[dtype]
 
 
+def native_kernel_for(dtype: torch.dtype):
+    """attnlab's compiled kernel when it serves ``dtype`` (float32, float64), else None."""
+    return block_flash_kernel() if dtype in (torch.float32, torch.float64) else None
+
+
+def native_lists(plan: SplitPlan) -> NativeLists:
+    """The plan's tiles as the native kernel's lists, built on first use and kept in the plan."""
+    if plan.native_lists is None:
+        plan.native_lists = build_native_lists(plan)
+    return plan.native_lists
+
+
 def block_flash_forward(q_t, k_flat, v_flat, plan: SplitPlan, work, scale: float):
     """Output ``(B, Hx, nQt, M, Dv)`` and lse ``(B, Hx, nQt, M)`` in tile layout."""
-    fwd, _ = cpu_flash_ops()
     B, Hx, nQt, M, D = q_t.shape
     Dv = v_flat.shape[-1]
     q_rows = q_t.view(-1, M, D)
-    k_units = k_flat.view(-1, plan.unit * D)
-    v_units = v_flat.view(-1, plan.unit * Dv)
     out = q_t.new_zeros(B * Hx * nQt, M, Dv)
     lse = q_t.new_full((B * Hx * nQt, M), float("-inf"))
-    for call in plan.calls:
-        o, l = fwd(q_rows[call.rows].unsqueeze(1), _gather(k_units, call.kv_index, D),
-                   _gather(v_units, call.kv_index, Dv), 0.0, False, scale=scale)
-        out[call.rows] = o[:, 0]
-        lse[call.rows] = l[:, 0].to(lse.dtype)
+    native = native_kernel_for(q_t.dtype)
+    if native is not None:
+        n = native_lists(plan)
+        native.forward(q_rows, k_flat.view(-1, D), v_flat.view(-1, Dv), n.rows, n.ptr, n.units, n.mask_index,
+                       n.masks, plan.unit, scale, out, lse)
+    else:
+        _aten_forward(q_rows, k_flat, v_flat, plan, scale, out, lse)
     out, lse = out.view(B, Hx, nQt, M, Dv), lse.view(B, Hx, nQt, M)
-    if plan.partial is not None:
+    if plan.partial is not None and not (native is not None and native_lists(plan).covers_partial):
         out_p, lse_p = tiled_forward(q_t, k_flat, v_flat, plan.partial, scale, None, work)
         out, lse = _merge_two(out, lse, out_p, lse_p)
     return out, lse
 
 
+def _aten_forward(q_rows, k_flat, v_flat, plan: SplitPlan, scale: float, out, lse):
+    fwd, _ = cpu_flash_ops()
+    D, Dv = q_rows.shape[-1], v_flat.shape[-1]
+    k_units = k_flat.view(-1, plan.unit * D)
+    v_units = v_flat.view(-1, plan.unit * Dv)
+    for call in plan.calls:
+        o, l = fwd(q_rows[call.rows].unsqueeze(1), _gather(k_units, call.kv_index, D),
+                   _gather(v_units, call.kv_index, Dv), 0.0, False, scale=scale)
+        out[call.rows] = o[:, 0]
+        lse[call.rows] = l[:, 0].to(lse.dtype)
+
+
 def block_flash_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, plan: SplitPlan, work, scale: float):
     """``dq`` in tile layout and ``dk``, ``dv`` flat, from the global output and lse."""
-    _, bwd = cpu_flash_ops()
     M, D = q_t.shape[-2:]
     Dv = v_flat.shape[-1]
-    if plan.partial is not None:
+    native = native_kernel_for(q_t.dtype)
+    lists = native_lists(plan) if native is not None else None
+    if plan.partial is not None and not (lists is not None and lists.covers_partial):
         dq_t, dk_flat, dv_flat, _ = tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, None,
                                                    plan.partial, scale, None, [], work)
     else:
         dq_t, dk_flat, dv_flat = torch.zeros_like(q_t), torch.zeros_like(k_flat), torch.zeros_like(v_flat)
     q_rows, o_rows, do_rows = q_t.view(-1, M, D), out_t.view(-1, M, Dv), dout_t.view(-1, M, Dv)
     l_rows = lse_t.view(-1, M)
+    if lists is not None:
+        n = lists
+        native.backward(q_rows, k_flat.view(-1, D), v_flat.view(-1, Dv), o_rows.contiguous(), do_rows.contiguous(),
+                        l_rows.contiguous(), n.rows, n.ptr, n.units, n.mask_index, n.masks, n.group_ptr, plan.unit,
+                        scale, dq_t.view(-1, M, D), dk_flat.view(-1, D), dv_flat.view(-1, Dv))
+        return dq_t, dk_flat, dv_flat
+    _, bwd = cpu_flash_ops()
     k_units, v_units = k_flat.view(-1, plan.unit * D), v_flat.view(-1, plan.unit * Dv)
     dq_rows = dq_t.view(-1, M, D)
     dk_units, dv_units = dk_flat.view(-1, plan.unit * D), dv_flat.view(-1, plan.unit * Dv)
@@ -112,7 +152,8 @@ class BlockFlashAttention(torch.autograd.Function):
         q, k, v = _same_width(q.to(cdt), k.to(cdt), v.to(cdt))
         q_t = to_tiles(q, t, fold)
         k_flat, v_flat = flat_kv(k), flat_kv(v)
-        work = _partial_work(plan, cdt)
+        native = native_kernel_for(cdt)
+        work = [] if native is not None and native_lists(plan).covers_partial else _partial_work(plan, cdt)
         out_t, lse_t = block_flash_forward(q_t, k_flat, v_flat, plan, work, scale)
         ctx.save_for_backward(q_t, k_flat, v_flat, out_t, lse_t)
         ctx.plan, ctx.work, ctx.scale = plan, work, scale

@@ -41,6 +41,9 @@ class SplitPlan:
     whole_pairs: int  # tile pairs computed by the flash kernel
     partial_pairs: int
     partial_work: dict = field(default_factory=dict)  # dtype -> the partial plan's work list, built once
+    pattern: Pattern | None = None
+    layout: BlockLayout | None = None
+    native_lists: object = None  # NativeLists of the native kernel, built on first use
 
 
 def whole_tiles(layout: BlockLayout, tiling: Tiling) -> torch.Tensor:
@@ -89,7 +92,8 @@ def build_split_plan(pattern: Pattern, tiling: Tiling, layout: BlockLayout, chun
     if n_partial:
         part_plan = build_plan(pattern, tiling, chunk_elements,
                                BlockLayout(partial, torch.zeros_like(partial)))
-    return SplitPlan(tiling, fold, unit, calls, part_plan, int(whole_rows.sum()), n_partial)
+    return SplitPlan(tiling, fold, unit, calls, part_plan, int(whole_rows.sum()), n_partial,
+                     pattern=pattern, layout=layout)
 
 
 def _token_rows(tiles: torch.Tensor, tiling: Tiling, nk: int) -> torch.Tensor:
