@@ -3,8 +3,8 @@
 A query tile (a row of ``q_t.view(-1, M, D)``: batch, head or key head, tile) lists the key
 units it attends, each ``unit`` consecutive keys of ``k_flat``. When key tiles are aligned in
 memory (``unit`` is the key tile), every touched tile is listed, and a partial tile carries
-its pattern mask (``uint8``, ``Tq x Tk``, computed once per plan from
-:meth:`~attnlab.Pattern.mask` on that tile's tokens only): the kernel then computes the whole
+its pattern mask (``Tq x Tk`` bits, computed once per plan from
+:meth:`~attnlab.Pattern.mask` on that tile's tokens only, a bit per partial pair): the kernel then computes the whole
 pattern and the tiled pass is not needed. Otherwise (``unit`` is one token) only whole tiles
 are listed and the partial ones stay with the tiled backend. Rows are ordered by the key head
 whose gradients they write, ``group_ptr`` bounding each head's run.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-MASK_TILES_PER_STEP = 4096  # partial tiles whose masks are evaluated at once
+MASK_PAIRS_PER_STEP = 1 << 20  # pairs of partial tiles whose masks are evaluated at once
 
 
 @dataclass
@@ -25,7 +25,8 @@ class NativeLists:
     ptr: torch.Tensor  # (n + 1,) row i lists units[ptr[i]:ptr[i + 1]]
     units: torch.Tensor  # (nnz,) key units, rows of k_flat.view(-1, unit * D)
     mask_index: torch.Tensor  # (nnz,) -1 for a whole tile, else its mask in ``masks``
-    masks: torch.Tensor  # (n_masks, Tq, unit) uint8; query row m of a tile uses mask row m % Tq
+    masks: torch.Tensor  # (n_masks, Tq, ceil(unit / 8)) uint8, bit j % 8 of byte j // 8 for key j;
+    # query row m of a tile uses mask row m % Tq
     group_ptr: torch.Tensor  # (n_groups + 1,) runs of rows writing one key head
     covers_partial: bool  # the partial tiles are listed too (no tiled pass needed)
 
@@ -35,7 +36,7 @@ def build_native_lists(plan) -> NativeLists:
     tiling, layout, pattern = plan.tiling, plan.layout, plan.pattern
     g = tiling.geometry
     Tq, Tk = tiling.q_tile_size, tiling.kv_tile_size
-    covers_partial = plan.unit == Tk
+    covers_partial = plan.aligned
     whole = layout.any & layout.full & tiling.kv_tile_complete
     listed = layout.any if covers_partial else whole
     Bb, Hb, nq, nk = listed.shape
@@ -47,8 +48,8 @@ def build_native_lists(plan) -> NativeLists:
     mask_id = torch.full(partial.shape, -1, **long)
     n_masks = int(partial.sum())
     mask_id[partial] = torch.arange(n_masks, **long)
-    masks = _tile_masks(pattern, tiling, torch.nonzero(partial)) if n_masks else torch.zeros(0, 1, plan.unit,
-                                                                                            dtype=torch.uint8)
+    masks = (_tile_masks(pattern, tiling, torch.nonzero(partial)) if n_masks
+             else torch.zeros(0, 1, (plan.unit + 7) // 8, dtype=torch.uint8))
 
     pairs = torch.nonzero(torch.broadcast_to(listed, (g.batch, hx, nq, nk)))  # row-major: rows grouped
     b, h, qt, kt = pairs.unbind(1)
@@ -72,17 +73,22 @@ def build_native_lists(plan) -> NativeLists:
 
 
 def _tile_masks(pattern, tiling, tiles: torch.Tensor) -> torch.Tensor:
-    """``(n, Tq, Tk)`` uint8 visibility of the tiles ``(bb, hb, qt, kt)`` (padded queries, which
-    the output drops, are evaluated at token 0)."""
+    """``(n, Tq, ceil(Tk / 8))`` bit-packed visibility of the tiles ``(bb, hb, qt, kt)``
+    (padded queries, which the output drops, are evaluated at token 0)."""
     g = tiling.geometry
+    Tq, Tk = tiling.q_tile_size, tiling.kv_tile_size
+    bits = 2 ** torch.arange(8, dtype=torch.uint8)
     parts = []
-    for lo in range(0, tiles.shape[0], MASK_TILES_PER_STEP):
-        bb, hb, qt, kt = tiles[lo:lo + MASK_TILES_PER_STEP].unbind(1)
+    step = max(1, MASK_PAIRS_PER_STEP // (Tq * Tk))
+    for lo in range(0, tiles.shape[0], step):
+        bb, hb, qt, kt = tiles[lo:lo + step].unbind(1)
         n = bb.numel()
-        q_tok = tiling.q_token_index[qt].clamp(min=0).view(1, 1, n, -1, 1)
-        kv_tok = tiling.kv_token_index[kt].view(1, 1, n, 1, -1)
+        q_tok = tiling.q_token_index[qt].clamp(min=0).view(1, 1, n, Tq, 1)
+        kv_tok = tiling.kv_token_index[kt].view(1, 1, n, 1, Tk)
         m = pattern.mask(bb.view(1, 1, n, 1, 1), hb.view(1, 1, n, 1, 1), q_tok, kv_tok, g)
-        parts.append(torch.broadcast_to(m, (1, 1, n, q_tok.shape[3], kv_tok.shape[4]))[0, 0].to(torch.uint8))
+        m = torch.broadcast_to(m, (1, 1, n, Tq, Tk))[0, 0]
+        m = torch.nn.functional.pad(m, (0, -Tk % 8)).view(n, Tq, -1, 8).to(torch.uint8)
+        parts.append((m * bits).sum(-1, dtype=torch.uint8))
     return torch.cat(parts).contiguous()
 
 

@@ -7,7 +7,7 @@ import torch
 from ..patterns.base import Causal, Full
 from .base import Backend, Problem
 from .reference import DEFAULT_MAX_ELEMENTS, compute_dtype_for, reference_attention
-from .block_flash import block_flash_attention, cpu_flash_ops
+from .block_flash import block_flash_attention, cpu_flash_ops, native_kernel_for
 from .split_plan import DEFAULT_GATHER_ELEMENTS, SplitPlan, cached_split_plan
 from .tiled import plan_work, tiled_attention
 from .tiled_plan import DEFAULT_CHUNK_ELEMENTS, cached_plan, default_tiles, tile_count_guard
@@ -75,11 +75,13 @@ class TiledBackend(Backend):
 
 
 class BlockFlashBackend(TiledBackend):
-    """Whole tiles through PyTorch's fused CPU flash kernel, partial tiles tiled (CPU)."""
+    """Block-sparse flash attention on the CPU: attnlab's native kernel over every tile (partial
+    tiles masked) when it builds, else PyTorch's fused CPU flash kernel on the whole tiles and
+    the tiled backend on the partial ones."""
 
     name = "block_flash"
     options = ("q_tile", "kv_tile", "chunk_elements", "gather_elements", "compute_dtype")
-    min_whole_share = 0.9  # below it the partial tiles' separate tiled pass costs more than the kernel saves
+    min_whole_share = 0.9  # without the native kernel: below it the separate tiled pass costs more than it saves
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         why = []
@@ -97,11 +99,15 @@ class BlockFlashBackend(TiledBackend):
 
     def declines(self, problem: Problem) -> list[str]:
         plan = self.plan(problem)
+        cdt = compute_dtype_for(problem.dtype, problem.options.get("compute_dtype"))
+        if plan.aligned and native_kernel_for(cdt) is not None:
+            return []  # the native kernel masks partial tiles itself: faster than tiled on every catalog pattern
         total = plan.whole_pairs + plan.partial_pairs
         if total and plan.whole_pairs < self.min_whole_share * total:
             return [
                 f"block_flash: only {plan.whole_pairs} of the {total} touched tile pairs are whole "
-                f"(auto needs {self.min_whole_share:.0%}); the tiled backend's masked GEMMs do the rest better"
+                f"(auto needs {self.min_whole_share:.0%} where the partial tiles run on tiled GEMMs); "
+                f"the tiled backend does the rest better"
             ]
         return []
 

@@ -2,8 +2,8 @@
 //
 // Semantics (exact, no approximation): for every listed query row-tile r (M queries) and
 // its listed key units (each `unit` consecutive keys), softmax(scale * Q K^T) V over the
-// union of those keys; a unit with a mask (uint8, Tq x unit, query row m using row m % Tq)
-// hides the pairs where the mask is 0. Rows that see no key get out 0 and lse -inf; out and
+// union of those keys; a unit with a mask (Tq rows of ceil(unit / 8) bytes, bit j % 8 of byte
+// j / 8 for key j; query row m uses row m % Tq) hides the pairs whose bit is 0. Rows that see no key get out 0 and lse -inf; out and
 // lse rows of unlisted tiles are left as given. Backward is
 // evaluated with a *given* lse and out (the global ones when this kernel computes one part
 // of a split softmax): P = exp(S - lse), dS = P * (dO V^T - rowsum(dO * O)), and it adds
@@ -145,7 +145,7 @@ struct Csr {
   const int64_t* ptr;
   const int64_t* idx;
   const int64_t* mask_index;  // per listed unit: -1 (all visible) or a mask
-  const uint8_t* masks;       // (n_masks, mask_rows, unit)
+  const uint8_t* masks;       // (n_masks, mask_rows, ceil(unit / 8)), bit-packed
   int64_t mask_rows;
   int64_t n;
   int64_t unit;
@@ -158,12 +158,13 @@ void apply_masks(const Csr& c, int64_t u0, int64_t u1, int64_t M, int64_t nb, T*
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t mi = c.mask_index[u];
     if (mi < 0) continue;
-    const uint8_t* mask = c.masks + mi * c.mask_rows * c.unit;
+    const int64_t row_bytes = (c.unit + 7) / 8;
+    const uint8_t* mask = c.masks + mi * c.mask_rows * row_bytes;
     for (int64_t m = 0; m < M; ++m) {
-      const uint8_t* row = mask + (m % c.mask_rows) * c.unit;
+      const uint8_t* row = mask + (m % c.mask_rows) * row_bytes;
       T* s = S + m * nb + (u - u0) * c.unit;
       for (int64_t j = 0; j < c.unit; ++j)
-        if (!row[j]) s[j] = hidden;
+        if (!((row[j >> 3] >> (j & 7)) & 1)) s[j] = hidden;
     }
   }
 }
@@ -176,8 +177,8 @@ Csr check_csr(const at::Tensor& rows, const at::Tensor& ptr, const at::Tensor& i
   TORCH_CHECK(rows.is_contiguous() && ptr.is_contiguous() && idx.is_contiguous() && mask_index.is_contiguous(),
               "rows, ptr, idx, mask_index: contiguous");
   TORCH_CHECK(masks.scalar_type() == at::kByte && masks.dim() == 3 && masks.is_contiguous() &&
-                  masks.size(1) >= 1 && masks.size(2) == unit,
-              "masks must be contiguous uint8 (n_masks, rows, unit)");
+                  masks.size(1) >= 1 && masks.size(2) == (unit + 7) / 8,
+              "masks must be contiguous uint8 (n_masks, rows, ceil(unit / 8)), bit-packed");
   TORCH_CHECK(mask_index.numel() == idx.numel(), "mask_index must have one entry per listed unit");
   TORCH_CHECK(ptr.numel() == rows.numel() + 1, "ptr must have len(rows) + 1 entries");
   TORCH_CHECK(unit >= 1, "unit must be >= 1");
