@@ -126,9 +126,15 @@ def test_forward_and_backward_match_dense(native, unit, M, Tq, heads):
             torch.set_num_threads(n_threads)
             grads = [torch.zeros_like(x) for x in (q, k, v)]
             native.backward(q.detach(), k.detach(), v.detach(), out, dout, lse, rows, ptr, units, mask_index,
-                            pack(masks), group_ptr, unit, scale, *grads)
+                            pack(masks), group_ptr, unit, scale, False, *grads)
             for label, a, b in zip("qkv", grads, ref):
                 assert torch.allclose(a, b, atol=1e-11, rtol=0), (name, label)
+        # set_dq overwrites the listed rows of dq instead of adding to them
+        dq = torch.full_like(q, 7.0)
+        native.backward(q.detach(), k.detach(), v.detach(), out, dout, lse, rows, ptr, units, mask_index,
+                        pack(masks), schedules["a head per task"][1], unit, scale, True, dq, torch.zeros_like(k),
+                        torch.zeros_like(v))
+        assert torch.allclose(dq[rows], ref[0][rows], atol=1e-11, rtol=0)
     finally:
         torch.set_num_threads(threads)
 

@@ -78,14 +78,14 @@ def block_flash_forward(q_t, k_flat, v_flat, plan: SplitPlan, work, scale: float
     B, Hx, nQt, M, D = q_t.shape
     Dv = v_flat.shape[-1]
     q_rows = q_t.view(-1, M, D)
-    out = q_t.new_zeros(B * Hx * nQt, M, Dv)
-    lse = q_t.new_full((B * Hx * nQt, M), float("-inf"))
     native = native_kernel_for(q_t.dtype)
-    if native is not None:
+    if native is not None:  # it writes every row
+        out, lse = q_t.new_empty(B * Hx * nQt, M, Dv), q_t.new_empty(B * Hx * nQt, M)
         n = native_lists(plan)
         native.forward(q_rows, k_flat.view(-1, D), v_flat.view(-1, Dv), n.rows, n.ptr, n.units, n.mask_index,
                        n.masks, plan.unit, scale, out, lse)
     else:
+        out, lse = q_t.new_zeros(B * Hx * nQt, M, Dv), q_t.new_full((B * Hx * nQt, M), float("-inf"))
         _aten_forward(q_rows, k_flat, v_flat, plan, scale, out, lse)
     out, lse = out.view(B, Hx, nQt, M, Dv), lse.view(B, Hx, nQt, M)
     if plan.partial is not None and not (native is not None and native_lists(plan).covers_partial):
@@ -112,18 +112,20 @@ def block_flash_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, plan: SplitP
     Dv = v_flat.shape[-1]
     native = native_kernel_for(q_t.dtype)
     lists = native_lists(plan) if native is not None else None
-    if plan.partial is not None and not (lists is not None and lists.covers_partial):
+    tiled_part = plan.partial is not None and not (lists is not None and lists.covers_partial)
+    if tiled_part:
         dq_t, dk_flat, dv_flat, _ = tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, None,
                                                    plan.partial, scale, None, [], work)
-    else:
-        dq_t, dk_flat, dv_flat = torch.zeros_like(q_t), torch.zeros_like(k_flat), torch.zeros_like(v_flat)
+    else:  # the native kernel sets every row of dq
+        dq_t = torch.empty_like(q_t) if lists is not None else torch.zeros_like(q_t)
+        dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
     q_rows, o_rows, do_rows = q_t.view(-1, M, D), out_t.view(-1, M, Dv), dout_t.view(-1, M, Dv)
     l_rows = lse_t.view(-1, M)
     if lists is not None:
         n = lists
         native.backward(q_rows, k_flat.view(-1, D), v_flat.view(-1, Dv), o_rows.contiguous(), do_rows.contiguous(),
                         l_rows.contiguous(), n.rows, n.ptr, n.units, n.mask_index, n.masks, n.group_ptr, plan.unit,
-                        scale, dq_t.view(-1, M, D), dk_flat.view(-1, D), dv_flat.view(-1, Dv))
+                        scale, not tiled_part, dq_t.view(-1, M, D), dk_flat.view(-1, D), dv_flat.view(-1, Dv))
         return dq_t, dk_flat, dv_flat
     _, bwd = cpu_flash_ops()
     k_units, v_units = k_flat.view(-1, plan.unit * D), v_flat.view(-1, plan.unit * Dv)

@@ -21,7 +21,7 @@ MASK_PAIRS_PER_STEP = 1 << 20  # pairs of partial tiles whose masks are evaluate
 
 @dataclass
 class NativeLists:
-    rows: torch.Tensor  # (n,) query-tile rows
+    rows: torch.Tensor  # (n,) query-tile rows: all of them, in order
     ptr: torch.Tensor  # (n + 1,) row i lists units[ptr[i]:ptr[i + 1]]
     units: torch.Tensor  # (nnz,) key units, rows of k_flat.view(-1, unit * D)
     mask_index: torch.Tensor  # (nnz,) -1 for a whole tile, else its mask in ``masks``
@@ -63,11 +63,12 @@ def build_native_lists(plan) -> NativeLists:
         units = (head[:, None] * g.kv_len + tiling.kv_token_index[kt]).reshape(-1)
         rows_all = rows_all.repeat_interleave(Tk)
         mask_index = torch.full_like(units, -1)
-    rows, counts = torch.unique_consecutive(rows_all, return_counts=True)
+    # every row is listed (those with no unit get out 0, lse -inf), so outputs need no fill
+    rows = torch.arange(g.batch * hx * nq, **long)
+    counts = torch.bincount(rows_all, minlength=rows.numel())
     ptr = torch.cat([torch.zeros(1, **long), torch.cumsum(counts, 0)])
     per_group = nq * (1 if plan.fold_heads else g.group_size)
-    groups = torch.unique_consecutive(rows // per_group, return_counts=True)[1]
-    group_ptr = torch.cat([torch.zeros(1, **long), torch.cumsum(groups, 0)])
+    group_ptr = torch.arange(0, rows.numel() + 1, per_group, **long)
     return NativeLists(rows.contiguous(), ptr, units.contiguous(), mask_index.contiguous(), masks, group_ptr,
                        covers_partial)
 

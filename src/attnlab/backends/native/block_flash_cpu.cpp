@@ -252,7 +252,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // Backward of one row tile, adding into dq (its rows) and dk, dv (this thread's copy).
 template <typename T>
 void backward_row(const T* Q, const T* K, const T* V, const T* O, const T* dO, const T* LSE, const Csr& c,
-                  int64_t i, int64_t M, int64_t D, int64_t Dv, T scale, T* dQ, T* dK, T* dV, std::vector<T>& b) {
+                  int64_t i, int64_t M, int64_t D, int64_t Dv, T scale, bool set_dq, T* dQ, T* dK, T* dV,
+                  std::vector<T>& b) {
   const int64_t units_per_block = std::max<int64_t>(1, kBlock / c.unit);
   const int64_t nb_max = units_per_block * c.unit;
   if (b.empty()) b.resize(2 * nb_max * (D + Dv) + 2 * M * nb_max + M);
@@ -266,6 +267,7 @@ void backward_row(const T* Q, const T* K, const T* V, const T* O, const T* dO, c
   const int64_t r = c.rows[i];
   const T *Qr = Q + r * M * D, *Or = O + r * M * Dv, *dOr = dO + r * M * Dv, *Lr = LSE + r * M;
   T* dQr = dQ + r * M * D;
+  if (set_dq) std::fill_n(dQr, M * D, T(0));
   for (int64_t m = 0; m < M; ++m) {
     T s = 0;
     for (int64_t d = 0; d < Dv; ++d) s += Or[m * Dv + d] * dOr[m * Dv + d];
@@ -297,7 +299,7 @@ void backward_row(const T* Q, const T* K, const T* V, const T* O, const T* dO, c
 template <typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
                    const at::Tensor& dout, const at::Tensor& lse, const Csr& c, const at::Tensor& group_ptr,
-                   double scale_d, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                   double scale_d, bool set_dq, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t M = q.size(1), D = q.size(2), Dv = v.size(1);
   const T scale = static_cast<T>(scale_d);
   const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
@@ -311,7 +313,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     // Rows of one group write disjoint dk/dv rows from every other group: a group per task.
     for_each_dynamic(n_groups, [&](int64_t t, int64_t g) {
       for (int64_t i = gp[g]; i < gp[g + 1]; ++i)
-        backward_row(Q, K, V, O, dO, LSE, c, i, M, D, Dv, scale, dQ, dK, dV, buf[t]);
+        backward_row(Q, K, V, O, dO, LSE, c, i, M, D, Dv, scale, set_dq, dQ, dK, dV, buf[t]);
     });
     return;
   }
@@ -320,7 +322,8 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   std::vector<std::vector<T>> own(threads);
   for_each_dynamic(c.n, [&](int64_t t, int64_t i) {
     if (own[t].empty()) own[t].assign(nk + nv, T(0));
-    backward_row(Q, K, V, O, dO, LSE, c, i, M, D, Dv, scale, dQ, own[t].data(), own[t].data() + nk, buf[t]);
+    backward_row(Q, K, V, O, dO, LSE, c, i, M, D, Dv, scale, set_dq, dQ, own[t].data(), own[t].data() + nk,
+                 buf[t]);
   });
   at::parallel_for(0, nk + nv, 1 << 14, [&](int64_t a, int64_t e) {
     for (const auto& part : own) {
@@ -337,7 +340,8 @@ void check_dense(const at::Tensor& x, const char* name, int64_t dim, at::ScalarT
   TORCH_CHECK(x.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", x.scalar_type());
 }
 
-// q (R, M, D); k (N, D); v (N, Dv); out (R, M, Dv) and lse (R, M) are written for the listed rows.
+// q (R, M, D); k (N, D); v (N, Dv); out (R, M, Dv) and lse (R, M) are written for the listed rows
+// (a row listing no unit gets out 0 and lse -inf).
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
              const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& mask_index, const at::Tensor& masks,
              int64_t unit, double scale, at::Tensor out, at::Tensor lse) {
@@ -357,10 +361,12 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 }
 
 // group_ptr splits the listed rows into runs whose dk/dv rows are disjoint from other runs'.
+// dk and dv are added to; dq too, unless set_dq (then the listed rows of dq are overwritten).
 void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
               const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& rows, const at::Tensor& ptr,
               const at::Tensor& idx, const at::Tensor& mask_index, const at::Tensor& masks,
-              const at::Tensor& group_ptr, int64_t unit, double scale, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
+              const at::Tensor& group_ptr, int64_t unit, double scale, bool set_dq, at::Tensor dq, at::Tensor dk,
+              at::Tensor dv) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "q must be float32 or float64");
   check_dense(q, "q", 3, dt);
@@ -379,8 +385,8 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const Csr c = check_csr(rows, ptr, idx, mask_index, masks, unit, q.size(0), k.size(0) / unit);
   const int64_t* gp = group_ptr.data_ptr<int64_t>();
   TORCH_CHECK(gp[0] == 0 && gp[group_ptr.numel() - 1] == c.n, "group_ptr must run from 0 to len(rows)");
-  if (dt == at::kFloat) backward_impl<float>(q, k, v, out, dout, lse, c, group_ptr, scale, dq, dk, dv);
-  else backward_impl<double>(q, k, v, out, dout, lse, c, group_ptr, scale, dq, dk, dv);
+  if (dt == at::kFloat) backward_impl<float>(q, k, v, out, dout, lse, c, group_ptr, scale, set_dq, dq, dk, dv);
+  else backward_impl<double>(q, k, v, out, dout, lse, c, group_ptr, scale, set_dq, dq, dk, dv);
 }
 
 }  // namespace
