@@ -37,6 +37,14 @@ def _capability() -> str:
     return cap if cap in _FLAGS else "DEFAULT"
 
 
+def _is_built(name: str) -> bool:
+    """Whether torch's extension cache already holds a build of ``name`` (then loading it is quick)."""
+    from torch.utils import cpp_extension
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    return any(root.glob(f"*/{name}/{name}.so")) or any(root.glob(f"{name}/{name}.so"))
+
+
 def _build():
     if os.environ.get("ATTNLAB_NATIVE", "1") == "0":
         raise RuntimeError("disabled by ATTNLAB_NATIVE=0")
@@ -47,8 +55,10 @@ def _build():
     cap = _capability()
     digest = hashlib.sha1(_SOURCE.read_bytes() + torch.__version__.encode() + cap.encode()).hexdigest()[:12]
     flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}", *_FLAGS.get(cap, [])]
-    log.warning("attnlab: compiling the native block-sparse CPU kernel (once per machine, about a minute)")
-    return cpp_extension.load(name=f"attnlab_block_flash_{cap.lower()}_{digest}", sources=[str(_SOURCE)],
+    name = f"attnlab_block_flash_{cap.lower()}_{digest}"
+    if not _is_built(name):
+        log.warning("attnlab: compiling the native block-sparse CPU kernel (once per machine, about a minute)")
+    return cpp_extension.load(name=name, sources=[str(_SOURCE)],
                               extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
 
 
