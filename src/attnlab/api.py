@@ -221,6 +221,8 @@ def explain(
         lines.append(f" {mark} {b.name:<11} {status}")
     if chosen_name in ("tiled", "block_flash"):
         lines.append(_layout_summary(problem))
+    if chosen_name == "block_flash":
+        lines.append(all_backends()["block_flash"].kernel_summary(problem))
     text = Explanation("\n".join(lines))
     text.backend = chosen_name
     text.reasons = reasons

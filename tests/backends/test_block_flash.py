@@ -169,3 +169,12 @@ def test_working_set_is_below_l_by_s(pattern):
         out = al.attention(q, k, v, pattern=pattern, backend="block_flash")
         out.sum().backward()
     assert probe.max_numel < L * L // 4, probe.max_numel
+
+
+def test_explain_names_the_kernel_that_runs(whole_tile_kernel):
+    q, k, v = make_qkv(1, 2, 2, 256, 256, 32, dtype=torch.float32)
+    text = str(al.explain(q, k, v, pattern=al.SlidingWindow(40), backend="block_flash"))
+    if whole_tile_kernel == "native":
+        assert "kernel: attnlab native (C++), torch.float32; partial tiles masked in the same kernel" in text
+    else:
+        assert "kernel: PyTorch's CPU flash kernel" in text

@@ -8,6 +8,7 @@ from ..patterns.base import Causal, Full
 from .base import Backend, Problem
 from .reference import DEFAULT_MAX_ELEMENTS, compute_dtype_for, reference_attention
 from .block_flash import block_flash_attention, cpu_flash_ops, native_kernel_for
+from .native import unavailable_reason
 from .split_plan import DEFAULT_GATHER_ELEMENTS, SplitPlan, cached_split_plan
 from .tiled import plan_work, tiled_attention
 from .tiled_plan import DEFAULT_CHUNK_ELEMENTS, cached_plan, default_tiles, tile_count_guard
@@ -110,6 +111,17 @@ class BlockFlashBackend(TiledBackend):
                 f"the tiled backend does the rest better"
             ]
         return []
+
+    def kernel_summary(self, problem: Problem) -> str:
+        """Which kernel runs the whole (and, when it can, the partial) tiles, for explain()."""
+        plan = self.plan(problem)
+        cdt = compute_dtype_for(problem.dtype, problem.options.get("compute_dtype"))
+        if native_kernel_for(cdt) is not None:
+            partial = "masked in the same kernel" if plan.aligned else "on the tiled backend, merged by lse"
+            return f"kernel: attnlab native (C++), {cdt}; partial tiles {partial}"
+        why = unavailable_reason() or (f"it serves float32 and float64, not {cdt}"
+                                       if cdt not in (torch.float32, torch.float64) else "not in use")
+        return f"kernel: PyTorch's CPU flash kernel (attnlab native unavailable: {why}); partial tiles on tiled"
 
     def plan(self, problem: Problem) -> SplitPlan:
         if "split_plan" not in problem.memo:
