@@ -174,3 +174,5 @@ def test_rejects_inconsistent_lists(native):
     with pytest.raises(RuntimeError, match="float32 or float64"):
         native.forward(q.half(), k.half(), v.half(), ok["rows"], ok["ptr"], ok["units"], ok["mask_index"], no_masks,
                        4, 1.0, out.half(), lse.half())
+    with pytest.raises(RuntimeError, match="unit must be >= 1"):  # checked before any division by it
+        native.forward(q, k, v, ok["rows"], ok["ptr"], ok["units"], ok["mask_index"], no_masks, 0, 1.0, out, lse)

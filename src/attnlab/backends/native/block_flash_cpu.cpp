@@ -340,19 +340,26 @@ void check_dense(const at::Tensor& x, const char* name, int64_t dim, at::ScalarT
   TORCH_CHECK(x.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", x.scalar_type());
 }
 
-// q (R, M, D); k (N, D); v (N, Dv); out (R, M, Dv) and lse (R, M) are written for the listed rows
-// (a row listing no unit gets out 0 and lse -inf).
-void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
-             const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& mask_index, const at::Tensor& masks,
-             int64_t unit, double scale, at::Tensor out, at::Tensor lse) {
+// q (R, M, D) float32 or float64; k (N, D) and v (N, Dv) of its dtype, N a multiple of unit.
+at::ScalarType check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t unit) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "q must be float32 or float64");
   check_dense(q, "q", 3, dt);
   check_dense(k, "k", 2, dt);
   check_dense(v, "v", 2, dt);
+  TORCH_CHECK(unit >= 1, "unit must be >= 1, got ", unit);
+  TORCH_CHECK(k.size(1) == q.size(2) && k.size(0) == v.size(0) && k.size(0) % unit == 0, "k/v shapes");
+  return dt;
+}
+
+// q (R, M, D); k (N, D); v (N, Dv); out (R, M, Dv) and lse (R, M) are written for the listed rows
+// (a row listing no unit gets out 0 and lse -inf).
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+             const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& mask_index, const at::Tensor& masks,
+             int64_t unit, double scale, at::Tensor out, at::Tensor lse) {
+  const auto dt = check_qkv(q, k, v, unit);
   check_dense(out, "out", 3, dt);
   check_dense(lse, "lse", 2, dt);
-  TORCH_CHECK(k.size(1) == q.size(2) && k.size(0) == v.size(0) && k.size(0) % unit == 0, "k/v shapes");
   TORCH_CHECK(out.size(0) == q.size(0) && out.size(1) == q.size(1) && out.size(2) == v.size(1), "out shape");
   TORCH_CHECK(lse.size(0) == q.size(0) && lse.size(1) == q.size(1), "lse shape");
   const Csr c = check_csr(rows, ptr, idx, mask_index, masks, unit, q.size(0), k.size(0) / unit);
@@ -367,18 +374,13 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
               const at::Tensor& idx, const at::Tensor& mask_index, const at::Tensor& masks,
               const at::Tensor& group_ptr, int64_t unit, double scale, bool set_dq, at::Tensor dq, at::Tensor dk,
               at::Tensor dv) {
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "q must be float32 or float64");
-  check_dense(q, "q", 3, dt);
-  check_dense(k, "k", 2, dt);
-  check_dense(v, "v", 2, dt);
+  const auto dt = check_qkv(q, k, v, unit);
   check_dense(out, "out", 3, dt);
   check_dense(dout, "dout", 3, dt);
   check_dense(lse, "lse", 2, dt);
   check_dense(dq, "dq", 3, dt);
   check_dense(dk, "dk", 2, dt);
   check_dense(dv, "dv", 2, dt);
-  TORCH_CHECK(k.size(1) == q.size(2) && k.size(0) == v.size(0) && k.size(0) % unit == 0, "k/v shapes");
   TORCH_CHECK(dq.sizes() == q.sizes() && dk.sizes() == k.sizes() && dv.sizes() == v.sizes(), "grad shapes");
   TORCH_CHECK(out.sizes() == dout.sizes() && out.size(0) == q.size(0) && out.size(2) == v.size(1), "out shape");
   TORCH_CHECK(group_ptr.dtype() == at::kLong && group_ptr.is_contiguous() && group_ptr.numel() >= 1, "group_ptr");
