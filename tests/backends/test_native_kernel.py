@@ -129,12 +129,13 @@ def test_forward_and_backward_match_dense(native, unit, M, Tq, heads):
                             pack(masks), group_ptr, unit, scale, False, *grads)
             for label, a, b in zip("qkv", grads, ref):
                 assert torch.allclose(a, b, atol=1e-11, rtol=0), (name, label)
-        # set_dq overwrites the listed rows of dq instead of adding to them
-        dq = torch.full_like(q, 7.0)
-        native.backward(q.detach(), k.detach(), v.detach(), out, dout, lse, rows, ptr, units, mask_index,
-                        pack(masks), schedules["a head per task"][1], unit, scale, True, dq, torch.zeros_like(k),
-                        torch.zeros_like(v))
-        assert torch.allclose(dq[rows], ref[0][rows], atol=1e-11, rtol=0)
+            # overwrite sets the listed rows of dq and all of dk, dv instead of adding to them
+            dq, dk, dv = (torch.full_like(x, 7.0) for x in (q, k, v))
+            native.backward(q.detach(), k.detach(), v.detach(), out, dout, lse, rows, ptr, units, mask_index,
+                            pack(masks), group_ptr, unit, scale, True, dq, dk, dv)
+            assert torch.allclose(dq[rows], ref[0][rows], atol=1e-11, rtol=0), name
+            assert torch.allclose(dk, ref[1], atol=1e-11, rtol=0), name
+            assert torch.allclose(dv, ref[2], atol=1e-11, rtol=0), name
     finally:
         torch.set_num_threads(threads)
 

@@ -66,6 +66,11 @@ def native_kernel_for(dtype: torch.dtype):
     return block_flash_kernel() if dtype in (torch.float32, torch.float64) else None
 
 
+def _tiled_partial(plan: SplitPlan, lists: NativeLists | None) -> bool:
+    """Whether the partial tiles run on the tiled backend (checked without building its plan)."""
+    return plan.partial_pairs > 0 and not (lists is not None and lists.covers_partial)
+
+
 def native_lists(plan: SplitPlan) -> NativeLists:
     """The plan's tiles as the native kernel's lists, built on first use and kept in the plan."""
     if plan.native_lists is None:
@@ -79,16 +84,17 @@ def block_flash_forward(q_t, k_flat, v_flat, plan: SplitPlan, work, scale: float
     Dv = v_flat.shape[-1]
     q_rows = q_t.view(-1, M, D)
     native = native_kernel_for(q_t.dtype)
-    if native is not None:  # it writes every row
+    lists = native_lists(plan) if native is not None else None
+    if lists is not None:  # it writes every row
         out, lse = q_t.new_empty(B * Hx * nQt, M, Dv), q_t.new_empty(B * Hx * nQt, M)
-        n = native_lists(plan)
+        n = lists
         native.forward(q_rows, k_flat.view(-1, D), v_flat.view(-1, Dv), n.rows, n.ptr, n.units, n.mask_index,
                        n.masks, plan.unit, scale, out, lse)
     else:
         out, lse = q_t.new_zeros(B * Hx * nQt, M, Dv), q_t.new_full((B * Hx * nQt, M), float("-inf"))
         _aten_forward(q_rows, k_flat, v_flat, plan, scale, out, lse)
     out, lse = out.view(B, Hx, nQt, M, Dv), lse.view(B, Hx, nQt, M)
-    if plan.partial is not None and not (native is not None and native_lists(plan).covers_partial):
+    if _tiled_partial(plan, lists):
         out_p, lse_p = tiled_forward(q_t, k_flat, v_flat, plan.partial, scale, None, work)
         out, lse = _merge_two(out, lse, out_p, lse_p)
     return out, lse
@@ -112,13 +118,14 @@ def block_flash_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, plan: SplitP
     Dv = v_flat.shape[-1]
     native = native_kernel_for(q_t.dtype)
     lists = native_lists(plan) if native is not None else None
-    tiled_part = plan.partial is not None and not (lists is not None and lists.covers_partial)
+    tiled_part = _tiled_partial(plan, lists)
     if tiled_part:
         dq_t, dk_flat, dv_flat, _ = tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, None,
                                                    plan.partial, scale, None, [], work)
-    else:  # the native kernel sets every row of dq
-        dq_t = torch.empty_like(q_t) if lists is not None else torch.zeros_like(q_t)
-        dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
+    elif lists is not None:  # the native kernel sets every row of dq, dk and dv
+        dq_t, dk_flat, dv_flat = torch.empty_like(q_t), torch.empty_like(k_flat), torch.empty_like(v_flat)
+    else:
+        dq_t, dk_flat, dv_flat = torch.zeros_like(q_t), torch.zeros_like(k_flat), torch.zeros_like(v_flat)
     q_rows, o_rows, do_rows = q_t.view(-1, M, D), out_t.view(-1, M, Dv), dout_t.view(-1, M, Dv)
     l_rows = lse_t.view(-1, M)
     if lists is not None:
@@ -155,7 +162,8 @@ class BlockFlashAttention(torch.autograd.Function):
         q_t = to_tiles(q, t, fold)
         k_flat, v_flat = flat_kv(k), flat_kv(v)
         native = native_kernel_for(cdt)
-        work = [] if native is not None and native_lists(plan).covers_partial else _partial_work(plan, cdt)
+        lists = native_lists(plan) if native is not None else None
+        work = _partial_work(plan, cdt) if _tiled_partial(plan, lists) else []
         out_t, lse_t = block_flash_forward(q_t, k_flat, v_flat, plan, work, scale)
         ctx.save_for_backward(q_t, k_flat, v_flat, out_t, lse_t)
         ctx.plan, ctx.work, ctx.scale = plan, work, scale

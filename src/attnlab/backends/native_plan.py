@@ -27,7 +27,8 @@ class NativeLists:
     mask_index: torch.Tensor  # (nnz,) -1 for a whole tile, else its mask in ``masks``
     masks: torch.Tensor  # (n_masks, Tq, ceil(unit / 8)) uint8, bit j % 8 of byte j // 8 for key j;
     # query row m of a tile uses mask row m % Tq
-    group_ptr: torch.Tensor  # (n_groups + 1,) runs of rows writing one key head
+    group_ptr: torch.Tensor  # (n_groups + 1,) runs of rows writing one key head (run g: rows
+    # [g S, (g + 1) S) of the flat keys, S keys per head)
     covers_partial: bool  # the partial tiles are listed too (no tiled pass needed)
 
 

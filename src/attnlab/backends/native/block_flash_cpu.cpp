@@ -7,7 +7,7 @@
 // lse rows of unlisted tiles are left as given. Backward is
 // evaluated with a *given* lse and out (the global ones when this kernel computes one part
 // of a split softmax): P = exp(S - lse), dS = P * (dO V^T - rowsum(dO * O)), and it adds
-// into dq, dk, dv. FlashAttention-2 (Dao, "FlashAttention-2: Faster Attention with Better
+// into dq, dk, dv (or sets them, when it computes the whole softmax). FlashAttention-2 (Dao, "FlashAttention-2: Faster Attention with Better
 // Parallelism and Work Partitioning", 2023) is the algorithm; this file keeps its working
 // set (one query tile against <= kBlock keys) in cache with 64-row tiles, which PyTorch's
 // CPU SDPA kernel splits into 32-row blocks.
@@ -299,7 +299,7 @@ void backward_row(const T* Q, const T* K, const T* V, const T* O, const T* dO, c
 template <typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
                    const at::Tensor& dout, const at::Tensor& lse, const Csr& c, const at::Tensor& group_ptr,
-                   double scale_d, bool set_dq, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                   double scale_d, bool overwrite, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t M = q.size(1), D = q.size(2), Dv = v.size(1);
   const T scale = static_cast<T>(scale_d);
   const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
@@ -310,10 +310,16 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t n_groups = group_ptr.numel() - 1;
   const int64_t* gp = group_ptr.data_ptr<int64_t>();
   if (n_groups >= 4 * threads || n_groups % threads == 0) {
-    // Rows of one group write disjoint dk/dv rows from every other group: a group per task.
+    // Group g writes only rows [g N / G, (g + 1) N / G) of dk and dv: a group per task, which
+    // zeroes its own rows first when overwriting (in parallel, and no pass over memory before).
+    const int64_t rows_k = n_groups ? k.size(0) / n_groups : 0;
     for_each_dynamic(n_groups, [&](int64_t t, int64_t g) {
+      if (overwrite) {
+        std::fill_n(dK + g * rows_k * D, rows_k * D, T(0));
+        std::fill_n(dV + g * rows_k * Dv, rows_k * Dv, T(0));
+      }
       for (int64_t i = gp[g]; i < gp[g + 1]; ++i)
-        backward_row(Q, K, V, O, dO, LSE, c, i, M, D, Dv, scale, set_dq, dQ, dK, dV, buf[t]);
+        backward_row(Q, K, V, O, dO, LSE, c, i, M, D, Dv, scale, overwrite, dQ, dK, dV, buf[t]);
     });
     return;
   }
@@ -322,10 +328,12 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   std::vector<std::vector<T>> own(threads);
   for_each_dynamic(c.n, [&](int64_t t, int64_t i) {
     if (own[t].empty()) own[t].assign(nk + nv, T(0));
-    backward_row(Q, K, V, O, dO, LSE, c, i, M, D, Dv, scale, set_dq, dQ, own[t].data(), own[t].data() + nk,
+    backward_row(Q, K, V, O, dO, LSE, c, i, M, D, Dv, scale, overwrite, dQ, own[t].data(), own[t].data() + nk,
                  buf[t]);
   });
   at::parallel_for(0, nk + nv, 1 << 14, [&](int64_t a, int64_t e) {
+    if (overwrite)
+      for (int64_t j = a; j < e; ++j) (j < nk ? dK[j] : dV[j - nk]) = T(0);
     for (const auto& part : own) {
       if (part.empty()) continue;
       for (int64_t j = a; j < e; ++j) (j < nk ? dK[j] : dV[j - nk]) += part[j];
@@ -367,12 +375,13 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   else forward_impl<double>(q, k, v, c, scale, out, lse);
 }
 
-// group_ptr splits the listed rows into runs whose dk/dv rows are disjoint from other runs'.
-// dk and dv are added to; dq too, unless set_dq (then the listed rows of dq are overwritten).
+// group_ptr splits the listed rows into G runs, run g writing only rows [g N / G, (g + 1) N / G)
+// of dk and dv (N = len(k)). dq, dk and dv are added to, unless overwrite: then the listed rows
+// of dq and all of dk and dv are set (they may start uninitialised).
 void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
               const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& rows, const at::Tensor& ptr,
               const at::Tensor& idx, const at::Tensor& mask_index, const at::Tensor& masks,
-              const at::Tensor& group_ptr, int64_t unit, double scale, bool set_dq, at::Tensor dq, at::Tensor dk,
+              const at::Tensor& group_ptr, int64_t unit, double scale, bool overwrite, at::Tensor dq, at::Tensor dk,
               at::Tensor dv) {
   const auto dt = check_qkv(q, k, v, unit);
   check_dense(out, "out", 3, dt);
@@ -387,8 +396,11 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const Csr c = check_csr(rows, ptr, idx, mask_index, masks, unit, q.size(0), k.size(0) / unit);
   const int64_t* gp = group_ptr.data_ptr<int64_t>();
   TORCH_CHECK(gp[0] == 0 && gp[group_ptr.numel() - 1] == c.n, "group_ptr must run from 0 to len(rows)");
-  if (dt == at::kFloat) backward_impl<float>(q, k, v, out, dout, lse, c, group_ptr, scale, set_dq, dq, dk, dv);
-  else backward_impl<double>(q, k, v, out, dout, lse, c, group_ptr, scale, set_dq, dq, dk, dv);
+  const int64_t n_groups = group_ptr.numel() - 1;
+  TORCH_CHECK(n_groups >= 1 ? k.size(0) % n_groups == 0 : k.size(0) == 0,
+              "len(k) must be a multiple of the number of groups");
+  if (dt == at::kFloat) backward_impl<float>(q, k, v, out, dout, lse, c, group_ptr, scale, overwrite, dq, dk, dv);
+  else backward_impl<double>(q, k, v, out, dout, lse, c, group_ptr, scale, overwrite, dq, dk, dv);
 }
 
 }  // namespace
