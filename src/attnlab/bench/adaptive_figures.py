@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 
@@ -66,6 +67,18 @@ def _causal_density(layout: torch.Tensor, L: int, block) -> float:
     return (layout * visible).sum().item() / (layout.shape[0] * layout.shape[1] * L * L)
 
 
+def _cpu_name() -> str:
+    """The processor's model name (Linux), else what :mod:`platform` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def speed(L: int, heads: int, dim: int, repeats: int, block: int = 64) -> dict:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, L, dim, generator=g).requires_grad_() for _ in range(3))
@@ -80,10 +93,18 @@ def speed(L: int, heads: int, dim: int, repeats: int, block: int = 64) -> dict:
         layout = resolve_pattern(pattern, q, k).parts[0].layout
         ours = forward_backward(lambda q, k, v: al.attention(q, k, v, pattern=pattern), q, k, v)
         t_ours, t_sdpa = measure_pair(ours, sdpa, repeats)
-        out[label] = {"pattern": repr(pattern), "backend": al.explain(q, k, v, pattern=pattern).backend,
-                      "density_of_all_pairs": _causal_density(layout, L, block_size),
+        density = _causal_density(layout, L, block_size)
+        pairs = heads * L * L  # per unit of density
+        explanation = al.explain(q, k, v, pattern=pattern)
+        out[label] = {"pattern": repr(pattern), "backend": explanation.backend,
+                      "kernel": next((line.strip() for line in explanation.splitlines() if "kernel:" in line), None),
+                      "density_of_all_pairs": density,
                       "selection_s": select.median, "attnlab_fwd_bwd_s": t_ours.median,
-                      "sdpa_causal_fwd_bwd_s": t_sdpa.median, "speedup": t_sdpa.median / t_ours.median}
+                      "sdpa_causal_fwd_bwd_s": t_sdpa.median, "speedup": t_sdpa.median / t_ours.median,
+                      # visible pairs per second, fwd+bwd: how fast each kernel runs per pair, which
+                      # differs between CPUs more than the ratio does
+                      "attnlab_gpairs_per_s": density * pairs / t_ours.median / 1e9,
+                      "sdpa_gpairs_per_s": (L + 1) / (2 * L) * pairs / t_sdpa.median / 1e9}
     return out
 
 
@@ -141,7 +162,8 @@ def main(argv=None) -> int:
     L = 2048 if args.quick else 16384
     t0 = time.perf_counter()
     figures = {"config": {"threads": torch.get_num_threads(), "torch": torch.__version__, "B": 1, "H": 8,
-                          "D": 64, "L": L, "dtype": "float32"}}
+                          "D": 64, "L": L, "dtype": "float32", "cpu": _cpu_name(),
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
     if not args.skip_speed:
         figures["speed"] = speed(L, 8, 64, args.repeats)
     figures["fidelity"] = fidelity(TEXT if not args.quick else TEXT[:600])
