@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("bench", help="every mechanism against its peers: efficiency and quality, with a report",
                         description="Benchmark every registered mechanism against its peers (efficiency) and "
                         "train small models with them (quality); results go to OUT/results.jsonl and "
-                        "OUT/report.html. The default is a quick first look (about 5 minutes on 2 CPU cores).")
+                        "OUT/report.html. The default is a quick first look (5 to 7 minutes on 2 CPU cores).")
     pb.add_argument("--suite", default="all", choices=["efficiency", "quality", "fidelity", "all"],
                     help="fidelity: every pattern and approximation run training-free in all-MiniLM-L6-v2 "
                          "(sentence-embedding cosine and attention-mass recall against dense)")
