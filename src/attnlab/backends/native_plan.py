@@ -36,7 +36,7 @@ def build_native_lists(plan) -> NativeLists:
     """The :class:`NativeLists` of a :class:`~attnlab.backends.split_plan.SplitPlan`."""
     tiling, layout, pattern = plan.tiling, plan.layout, plan.pattern
     g = tiling.geometry
-    Tq, Tk = tiling.q_tile_size, tiling.kv_tile_size
+    Tk = tiling.kv_tile_size
     covers_partial = plan.aligned
     whole = layout.any & layout.full & tiling.kv_tile_complete
     listed = layout.any if covers_partial else whole
