@@ -44,6 +44,16 @@ def test_plan_cache_reuses_plans_for_equal_patterns_only():
     assert not tiled_plan._PLAN_CACHE
 
 
+def test_clear_plan_cache_also_drops_block_flash_split_plans():
+    from attnlab.backends import split_plan
+
+    q = torch.randn(1, 2, 128, 8)
+    al.attention(q, q, q, al.SlidingWindow(left=7), backend="block_flash")
+    assert len(split_plan._SPLIT_CACHE) == 1
+    tiled_plan.clear_plan_cache()
+    assert not split_plan._SPLIT_CACHE
+
+
 def test_plan_cache_is_bounded():
     q = torch.randn(1, 1, 40, 4)
     for left in range(tiled_plan.PLAN_CACHE_SIZE + 3):

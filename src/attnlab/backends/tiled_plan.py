@@ -132,10 +132,14 @@ _PLAN_CACHE: "OrderedDict[tuple, tuple[TiledPlan, list]]" = OrderedDict()
 PLAN_CACHE_SIZE = 8
 
 
+_CACHES: dict[int, OrderedDict] = {}  # every cache pattern_cached has filled, for clear_plan_cache
+
+
 def pattern_cached(cache: OrderedDict, pattern: Pattern, tiling: Tiling, extra: tuple, build, size: int = PLAN_CACHE_SIZE):
     """``build()``, reused across calls when ``pattern`` has a :meth:`~attnlab.Pattern.cache_key`:
     ``cache`` keeps the ``size`` most recently used entries, keyed by the pattern, the tiling and
     ``extra``."""
+    _CACHES.setdefault(id(cache), cache)
     key = pattern.cache_key()
     if key is None:
         return build()
@@ -162,8 +166,11 @@ def cached_plan(pattern: Pattern, tiling: Tiling, chunk_elements: int, dtype: to
 
 
 def clear_plan_cache() -> None:
-    """Drop every cached plan (and the masks it holds)."""
+    """Drop every cached plan (and the masks it holds): the tiled plans and every other cache
+    filled through :func:`pattern_cached` (the block-flash split plans)."""
     _PLAN_CACHE.clear()
+    for cache in _CACHES.values():
+        cache.clear()
 
 
 def default_tiles(pattern: Pattern, geometry: Geometry) -> tuple[tuple[int, ...], tuple[int, ...]]:
