@@ -73,7 +73,10 @@ def head_importance_by_masking(loss_fn: LossFn, num_layers: int, num_heads: int,
                              f"head < {num_heads}")
     out = torch.full((num_layers, num_heads), float("nan"), dtype=torch.float64)
     with torch.no_grad():
-        base = _loss_value(loss_fn())
+        # the baseline runs under gates of 1, so it takes the same path as every ablation and
+        # their difference is the head's alone (not a rounding difference between backends)
+        with intervene(HeadMask(torch.ones(num_layers, num_heads))):
+            base = _loss_value(loss_fn())
         for layer, head in pairs:
             gate = torch.ones(num_layers, num_heads)
             gate[layer, head] = 0.0
