@@ -78,23 +78,27 @@ def native_lists(plan: SplitPlan) -> NativeLists:
     return plan.native_lists
 
 
+def _native(plan: SplitPlan, dtype: torch.dtype):
+    """``(kernel, lists)`` when the native kernel serves ``dtype``, else ``(None, None)``."""
+    kernel = native_kernel_for(dtype)
+    return (kernel, native_lists(plan)) if kernel is not None else (None, None)
+
+
 def block_flash_forward(q_t, k_flat, v_flat, plan: SplitPlan, work, scale: float):
     """Output ``(B, Hx, nQt, M, Dv)`` and lse ``(B, Hx, nQt, M)`` in tile layout."""
     B, Hx, nQt, M, D = q_t.shape
     Dv = v_flat.shape[-1]
     q_rows = q_t.view(-1, M, D)
-    native = native_kernel_for(q_t.dtype)
-    lists = native_lists(plan) if native is not None else None
-    if lists is not None:  # it writes every row
+    native, n = _native(plan, q_t.dtype)
+    if native is not None:  # it writes every row
         out, lse = q_t.new_empty(B * Hx * nQt, M, Dv), q_t.new_empty(B * Hx * nQt, M)
-        n = lists
         native.forward(q_rows, k_flat.view(-1, D), v_flat.view(-1, Dv), n.rows, n.ptr, n.units, n.mask_index,
                        n.masks, plan.unit, scale, out, lse)
     else:
         out, lse = q_t.new_zeros(B * Hx * nQt, M, Dv), q_t.new_full((B * Hx * nQt, M), float("-inf"))
         _aten_forward(q_rows, k_flat, v_flat, plan, scale, out, lse)
     out, lse = out.view(B, Hx, nQt, M, Dv), lse.view(B, Hx, nQt, M)
-    if _tiled_partial(plan, lists):
+    if _tiled_partial(plan, n):
         out_p, lse_p = tiled_forward(q_t, k_flat, v_flat, plan.partial, scale, None, work)
         out, lse = _merge_two(out, lse, out_p, lse_p)
     return out, lse
@@ -116,20 +120,18 @@ def block_flash_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, plan: SplitP
     """``dq`` in tile layout and ``dk``, ``dv`` flat, from the global output and lse."""
     M, D = q_t.shape[-2:]
     Dv = v_flat.shape[-1]
-    native = native_kernel_for(q_t.dtype)
-    lists = native_lists(plan) if native is not None else None
-    tiled_part = _tiled_partial(plan, lists)
+    native, n = _native(plan, q_t.dtype)
+    tiled_part = _tiled_partial(plan, n)
     if tiled_part:
         dq_t, dk_flat, dv_flat, _ = tiled_backward(q_t, k_flat, v_flat, out_t, lse_t, dout_t, None,
                                                    plan.partial, scale, None, [], work)
-    elif lists is not None:  # the native kernel sets every row of dq, dk and dv
+    elif native is not None:  # the native kernel sets every row of dq, dk and dv
         dq_t, dk_flat, dv_flat = torch.empty_like(q_t), torch.empty_like(k_flat), torch.empty_like(v_flat)
     else:
         dq_t, dk_flat, dv_flat = torch.zeros_like(q_t), torch.zeros_like(k_flat), torch.zeros_like(v_flat)
     q_rows, o_rows, do_rows = q_t.view(-1, M, D), out_t.view(-1, M, Dv), dout_t.view(-1, M, Dv)
     l_rows = lse_t.view(-1, M)
-    if lists is not None:
-        n = lists
+    if native is not None:
         native.backward(q_rows, k_flat.view(-1, D), v_flat.view(-1, Dv), o_rows.contiguous(), do_rows.contiguous(),
                         l_rows.contiguous(), n.rows, n.ptr, n.units, n.mask_index, n.masks, n.group_ptr, plan.unit,
                         scale, not tiled_part, dq_t.view(-1, M, D), dk_flat.view(-1, D), dv_flat.view(-1, Dv))
@@ -161,9 +163,7 @@ class BlockFlashAttention(torch.autograd.Function):
         q, k, v = _same_width(q.to(cdt), k.to(cdt), v.to(cdt))
         q_t = to_tiles(q, t, fold)
         k_flat, v_flat = flat_kv(k), flat_kv(v)
-        native = native_kernel_for(cdt)
-        lists = native_lists(plan) if native is not None else None
-        work = _partial_work(plan, cdt) if _tiled_partial(plan, lists) else []
+        work = _partial_work(plan, cdt) if _tiled_partial(plan, _native(plan, cdt)[1]) else []
         out_t, lse_t = block_flash_forward(q_t, k_flat, v_flat, plan, work, scale)
         ctx.save_for_backward(q_t, k_flat, v_flat, out_t, lse_t)
         ctx.plan, ctx.work, ctx.scale = plan, work, scale

@@ -21,7 +21,7 @@ import torch
 
 from ..patterns.base import Pattern
 from ..patterns.layout import BlockLayout, Tiling
-from .tiled_plan import TiledPlan, build_plan, pattern_cached
+from .tiled_plan import TiledPlan, build_plan, new_plan_cache, pattern_cached
 
 DEFAULT_GATHER_ELEMENTS = 1 << 23
 
@@ -128,7 +128,7 @@ def _token_rows(tiles: torch.Tensor, tiling: Tiling, nk: int) -> torch.Tensor:
     return (head[..., None] * S + tok).reshape(tiles.shape[0], -1)
 
 
-_SPLIT_CACHE: "OrderedDict[tuple, SplitPlan]" = OrderedDict()
+_SPLIT_CACHE: "OrderedDict[tuple, SplitPlan]" = new_plan_cache()
 
 
 def cached_split_plan(pattern: Pattern, tiling: Tiling, chunk_elements: int, gather_elements: int) -> SplitPlan:

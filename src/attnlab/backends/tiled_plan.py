@@ -128,18 +128,24 @@ def build_plan(
     )
 
 
-_PLAN_CACHE: "OrderedDict[tuple, tuple[TiledPlan, list]]" = OrderedDict()
+_CACHES: list[OrderedDict] = []  # every plan cache, for clear_plan_cache
+
+
+def new_plan_cache() -> OrderedDict:
+    """An empty plan cache for :func:`pattern_cached`, cleared by :func:`clear_plan_cache`."""
+    cache: OrderedDict = OrderedDict()
+    _CACHES.append(cache)
+    return cache
+
+
+_PLAN_CACHE: "OrderedDict[tuple, tuple[TiledPlan, list]]" = new_plan_cache()
 PLAN_CACHE_SIZE = 8
-
-
-_CACHES: dict[int, OrderedDict] = {}  # every cache pattern_cached has filled, for clear_plan_cache
 
 
 def pattern_cached(cache: OrderedDict, pattern: Pattern, tiling: Tiling, extra: tuple, build, size: int = PLAN_CACHE_SIZE):
     """``build()``, reused across calls when ``pattern`` has a :meth:`~attnlab.Pattern.cache_key`:
     ``cache`` keeps the ``size`` most recently used entries, keyed by the pattern, the tiling and
     ``extra``."""
-    _CACHES.setdefault(id(cache), cache)
     key = pattern.cache_key()
     if key is None:
         return build()
@@ -167,9 +173,8 @@ def cached_plan(pattern: Pattern, tiling: Tiling, chunk_elements: int, dtype: to
 
 def clear_plan_cache() -> None:
     """Drop every cached plan (and the masks it holds): the tiled plans and every other cache
-    filled through :func:`pattern_cached` (the block-flash split plans)."""
-    _PLAN_CACHE.clear()
-    for cache in _CACHES.values():
+    made by :func:`new_plan_cache` (the block-flash split plans)."""
+    for cache in _CACHES:
         cache.clear()
 
 
@@ -202,4 +207,4 @@ def tile_count_guard(tiling: Tiling, limit: int = 1 << 26) -> None:
         )
 
 
-__all__ = ["TiledPlan", "Chunk", "build_plan", "cached_plan", "clear_plan_cache", "default_tiles", "tile_count_guard"]
+__all__ = ["TiledPlan", "Chunk", "build_plan", "cached_plan", "clear_plan_cache", "new_plan_cache", "default_tiles", "tile_count_guard"]
